@@ -1,0 +1,46 @@
+# deepsim_rt — the two commands a newcomer runs are `make demo` and `make test`.
+# Everything installs into ./.venv. torch is pinned to the CPU wheel that lies on this machine's disk
+# (pip install torch==2.13.0); never let pip resolve a bare `torch` (a multi-GB CUDA build).
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+TORCH_SPEC ?= torch==2.13.0
+STAMP  := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: venv demo test test-slow bench lint gpu-check clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -c constraints.txt "$(TORCH_SPEC)"
+	$(PIP) install -q -c constraints.txt -e ".[dev,export,tools]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/deepsim-rt demo --out demo_out
+
+test: $(STAMP)
+	$(PY) -m pytest -m "not slow and not gpu" $(PYTEST_ARGS)
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -m "slow and not gpu" $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(PY) -m pytest benchmarks -m "not gpu" --benchmark-only --benchmark-json=benchmarks/results/cpu.json $(PYTEST_ARGS)
+	$(PY) benchmarks/report.py
+
+# One script for a lent GPU machine (torch + triton there, run with PYTHONPATH=.): CUDA tests + GPU benchmarks,
+# JSON under $$OUT (else benchmarks/results/). Must finish in <= 8 minutes.
+gpu-check:
+	bash benchmarks/gpu_check.sh
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check deepsim_rt tests benchmarks tools
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis demo_out

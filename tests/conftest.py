@@ -1,0 +1,30 @@
+"""Shared test setup.
+
+Without CUDA, Triton kernels run under the interpreter (TRITON_INTERPRET=1), which must be set before any
+@triton.jit decorator runs, i.e. before deepsim_rt's Triton modules are imported: hence here, at conftest import.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device (torch.cuda.is_available() is False); run `make gpu-check`")
+    for item in items:
+        if "gpu" in item.keywords and not HAS_CUDA:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture
+def rng() -> torch.Generator:
+    """A seeded CPU generator: every test draws fresh, reproducible random inputs."""
+    return torch.Generator().manual_seed(1234)
