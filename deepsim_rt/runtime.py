@@ -1,0 +1,445 @@
+"""Registration runtime: load any deepsim_rt artifact, register image pairs of any size on the fastest backend.
+
+    reg = Registrator.load("default-3d")                  # bundled weights, eager PyTorch
+    reg = Registrator.load("model.onnx")                  # ONNX Runtime (TensorRT -> CUDA -> CPU providers)
+    reg = Registrator.load("model.pt2")                   # AOTInductor package
+    reg = Registrator.load("model.plan")                  # TensorRT engine (+ its .json metadata sidecar)
+    reg = Registrator.load("reg.safetensors", backend="onnxruntime")   # exports (and verifies) into a cache dir
+    out = reg.register(moving, fixed, moving_labels=labels)
+    out.warped, out.displacement, out.warped_labels
+
+Backends: "eager" (PyTorch), "compile" (torch.compile, dynamic shapes), "onnxruntime", "aoti", "tensorrt";
+"auto" takes the artifact's own backend (eager for a checkpoint).
+
+What `register` does around the network (the network's input contract is in the artifact's metadata):
+  1. Input forms, for convenience: an image may be spatial only ((H, W) / (D, H, W)), (C, *S) or batched
+     (B, C, *S); numpy or torch, any real dtype. A rank-(ndim + 1) input is ALWAYS read as (C, *S): batches must
+     carry their channel axis. moving, fixed (and labels, with C = 1) must have the same form and sizes. Results
+     come back in the form, array type and device of `moving` (float32 images, labels in their own dtype).
+  2. Intensities: min-max normalized per sample (over channels and voxels) to [0, 1], the "minmax" contract; a
+     constant image becomes all zeros. The warped image is mapped back to the moving image's own intensity range.
+  3. Spatial sizes: padded to the network's multiple (2**stages), split evenly before / after on every axis, and
+     cropped back. The pad mode follows the model's warp padding: "border" -> replicate padding, "zeros" -> zero
+     padding (in normalized units, i.e. the image minimum). With that choice, warping the padded image and
+     cropping equals warping the unpadded image with the same padding rule, so the crop is exact, not an
+     approximation near the edge. The displacement is in voxels and is not changed by the crop.
+  4. Labels are warped with nearest-neighbour (deepsim_rt.kernels.warp, mode="nearest", the model's padding) by
+     the cropped displacement, so no label value is ever interpolated.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from deepsim_rt.export.metadata import ArtifactInfo
+from deepsim_rt.kernels import warp
+from deepsim_rt.nn.checkpoint import file_sha256, load_model
+from deepsim_rt.nn.config import NetConfig
+
+__all__ = [
+    "BACKENDS", "BUNDLED_MODELS", "RegistrationResult", "Registrator", "EagerBackend", "bundled_model_path",
+    "resolve_model", "minmax_normalize", "pad_to_multiple", "crop", "as_batch",
+]
+
+BACKENDS = ("auto", "eager", "compile", "onnxruntime", "aoti", "tensorrt")
+BUNDLED_MODELS = ("default-2d", "default-3d")
+_WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+# The natural backend of each artifact type ("auto").
+_SUFFIX_BACKEND = {".safetensors": "eager", ".onnx": "onnxruntime", ".pt2": "aoti", ".plan": "tensorrt",
+                   ".engine": "tensorrt"}
+_ARTIFACT_BACKENDS = {".onnx": ("onnxruntime",), ".pt2": ("aoti",), ".plan": ("tensorrt",),
+                      ".engine": ("tensorrt",)}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Helpers: model names, padding, normalization, input forms
+# ----------------------------------------------------------------------------------------------------------------
+def bundled_model_path(name: str, part: str = "reg") -> Path:
+    """Path of a bundled checkpoint: name in BUNDLED_MODELS, part in {"reg", "seg", "ae"} (may not exist)."""
+    if name not in BUNDLED_MODELS:
+        raise ValueError(f"unknown bundled model {name!r}; expected one of {BUNDLED_MODELS} or a file path")
+    if part not in ("reg", "seg", "ae"):
+        raise ValueError(f"part must be 'reg', 'seg' or 'ae', got {part!r}")
+    return _WEIGHTS_DIR / name / f"{part}.safetensors"
+
+
+def resolve_model(model: str | os.PathLike) -> Path:
+    """"default-2d" / "default-3d" -> the bundled registration checkpoint; else an existing artifact path."""
+    if isinstance(model, str) and model in BUNDLED_MODELS:
+        path = bundled_model_path(model)
+        if not path.is_file():
+            raise ValueError(f"bundled model {model!r} not found at {str(path)!r}: its weights are not installed "
+                             "(train them with `deepsim-rt study`), or pass a model file path")
+        return path
+    path = Path(model)
+    if path.suffix not in _SUFFIX_BACKEND:
+        raise ValueError(f"model must be one of {BUNDLED_MODELS} or a path ending in {sorted(_SUFFIX_BACKEND)}, got "
+                         f"{str(model)!r}")
+    if not path.is_file():
+        raise ValueError(f"model file not found: {str(path)!r}")
+    return path
+
+
+def pad_amounts(spatial: tuple[int, ...], multiple: int) -> tuple[tuple[int, int], ...]:
+    """Per spatial axis (before, after) so that size + before + after is the next multiple; split evenly."""
+    out = []
+    for n in spatial:
+        total = (-int(n)) % multiple
+        out.append((total // 2, total - total // 2))
+    return tuple(out)
+
+
+def pad_to_multiple(x: torch.Tensor, multiple: int, mode: str = "replicate"
+                    ) -> tuple[torch.Tensor, tuple[tuple[int, int], ...]]:
+    """Pad (B, C, *S) so every spatial size is a multiple of `multiple`. mode: "replicate" or "zeros".
+
+    Returns (padded tensor, per-axis (before, after) amounts for `crop`). No copy when nothing needs padding.
+    """
+    if mode not in ("replicate", "zeros"):
+        raise ValueError(f"pad mode must be 'replicate' or 'zeros', got {mode!r}")
+    pads = pad_amounts(tuple(x.shape[2:]), multiple)
+    if not any(b or a for b, a in pads):
+        return x, pads
+    # F.pad takes the LAST axis first.
+    flat = [v for b, a in reversed(pads) for v in (b, a)]
+    if mode == "replicate":
+        return F.pad(x, flat, mode="replicate"), pads
+    return F.pad(x, flat, mode="constant", value=0.0), pads
+
+
+def crop(x: torch.Tensor, pads: tuple[tuple[int, int], ...]) -> torch.Tensor:
+    """Undo `pad_to_multiple` on (B, C, *S_padded)."""
+    index = [slice(None), slice(None)]
+    for (b, a), n in zip(pads, x.shape[2:], strict=True):
+        index.append(slice(b, n - a))
+    return x[tuple(index)]
+
+
+def minmax_normalize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-sample min-max scaling of (B, C, *S) to [0, 1] (the "minmax" input contract).
+
+    Returns (normalized, lo, scale), lo and scale shaped (B, 1, ..., 1), so that x = normalized * scale + lo.
+    A constant sample has scale 0 and normalizes to all zeros.
+    """
+    dims = tuple(range(1, x.dim()))
+    lo = x.amin(dim=dims, keepdim=True)
+    scale = x.amax(dim=dims, keepdim=True) - lo
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return (x - lo) / safe, lo, scale
+
+
+def _to_tensor(name: str, x: Any) -> tuple[torch.Tensor, bool]:
+    if isinstance(x, np.ndarray):
+        if x.dtype == np.bool_:
+            x = x.astype(np.uint8)
+        if not (np.issubdtype(x.dtype, np.number)) or np.iscomplexobj(x):
+            raise ValueError(f"{name} must hold real numbers, got numpy dtype {x.dtype}")
+        if x.dtype in (np.uint16, np.uint32, np.uint64):
+            # torch supports few ops on these: widen (labels only come back in their own dtype anyway).
+            x = x.astype(np.int64)
+        return torch.from_numpy(np.ascontiguousarray(x)), True
+    if isinstance(x, torch.Tensor):
+        if x.is_complex():
+            raise ValueError(f"{name} must hold real numbers, got dtype {x.dtype}")
+        return (x.to(torch.uint8) if x.dtype == torch.bool else x), False
+    raise ValueError(f"{name} must be a numpy array or a torch tensor, got {type(x).__name__}")
+
+
+def as_batch(name: str, x: torch.Tensor, ndim: int, channels: int) -> tuple[torch.Tensor, int]:
+    """Bring an image to (B, C, *S): rank ndim -> (1, 1, *S); ndim + 1 -> (C, *S) -> (1, C, *S); ndim + 2 as is.
+
+    Returns (batched tensor, how many leading axes were added: 2, 1 or 0). Raises ValueError on another rank or a
+    channel count other than `channels`.
+    """
+    sp = "(D, H, W)" if ndim == 3 else "(H, W)"
+    if x.dim() == ndim:
+        x, added = x[None, None], 2
+    elif x.dim() == ndim + 1:
+        x, added = x[None], 1
+    elif x.dim() == ndim + 2:
+        added = 0
+    else:
+        raise ValueError(f"{name}: this is a {ndim}D model; it takes {sp}, (C, *S) or (B, C, *S) arrays, got shape "
+                         f"{tuple(x.shape)} (rank {x.dim()})")
+    if x.shape[1] != channels:
+        raise ValueError(f"{name}: the model expects {channels} channel(s), got {x.shape[1]} (shape "
+                         f"{tuple(x.shape)} read as (B, C, *S); a rank-{ndim + 1} input is read as (C, *S))")
+    if any(int(s) == 0 for s in x.shape):
+        raise ValueError(f"{name} must not be empty, got shape {tuple(x.shape)}")
+    return x, added
+
+
+def _restore(x: torch.Tensor, added: int, as_numpy: bool, device: torch.device) -> Any:
+    for _ in range(added):
+        x = x[0]
+    if as_numpy:
+        return x.detach().cpu().numpy()
+    return x.detach().to(device)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Results and backends
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RegistrationResult:
+    """Output of `Registrator.register`, in the form (rank, array type, device) of the `moving` argument.
+
+    warped:        moving image warped onto the fixed grid, float32, in the moving image's intensity units
+    displacement:  (ndim, *S) or (B, ndim, *S), float32, voxels, channel i along spatial axis i;
+                   warped(p) = moving(p + displacement(p)). (Rank ndim + 1 for unbatched inputs of any form.)
+    warped_labels: moving labels warped with nearest neighbour, their own dtype; None when no labels were given
+    """
+
+    warped: Any
+    displacement: Any
+    warped_labels: Any = None
+
+
+class Backend(Protocol):
+    """What a runtime backend provides. Inputs are normalized, padded, contiguous fp32 (B, C, *S) on `device`."""
+
+    name: str
+    info: ArtifactInfo
+    device: torch.device
+
+    def __call__(self, moving: torch.Tensor, fixed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (warped (B, C, *S), displacement (B, ndim, *S)), fp32 torch tensors on `device`."""
+        ...
+
+
+class EagerBackend:
+    """A RegNet in PyTorch: eager, or torch.compile'd with dynamic shapes (compile=True; first call compiles)."""
+
+    def __init__(self, model: torch.nn.Module, device: torch.device, info: ArtifactInfo,
+                 compile: bool = False) -> None:
+        self.model = model.to(device).eval()
+        self.device = device
+        self.info = info
+        self.name = "compile" if compile else "eager"
+        # dynamic=True: one graph for every padded size instead of a recompile per new shape.
+        self._fn = torch.compile(self.model, dynamic=True) if compile else self.model
+
+    def __call__(self, moving: torch.Tensor, fixed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.inference_mode():
+            warped, disp = self._fn(moving, fixed)
+        return warped, disp
+
+
+def _resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r} requested but CUDA is not available here")
+    return dev
+
+
+def _registration_info(model: torch.nn.Module, source_sha256: str = "") -> ArtifactInfo:
+    cfg = getattr(model, "cfg", None)
+    if not isinstance(cfg, NetConfig) or cfg.kind != "reg":
+        raise ValueError(f"a Registrator needs a registration model (RegNet, config kind 'reg'), got "
+                         f"{type(model).__name__} with config kind {getattr(cfg, 'kind', None)!r}")
+    return ArtifactInfo(artifact="registration", cfg=cfg, inputs=("moving", "fixed"),
+                        outputs=("warped", "displacement"), source_sha256=source_sha256)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Registrator
+# ----------------------------------------------------------------------------------------------------------------
+class Registrator:
+    """Pairwise registration with any backend; see the module docstring for what `register` does around it."""
+
+    def __init__(self, backend: Backend, source: str = "") -> None:
+        if backend.info.artifact != "registration":
+            raise ValueError(f"a Registrator needs a registration artifact, got a {backend.info.artifact!r} one")
+        self.backend = backend
+        self.source = source
+        self._tmpdir: tempfile.TemporaryDirectory | None = None
+
+    # -- construction ---------------------------------------------------------------------------------------------
+    @classmethod
+    def from_model(cls, model: torch.nn.Module, backend: str = "eager", device: str | torch.device | None = "auto",
+                   source_sha256: str = "") -> Registrator:
+        """Wrap an in-memory RegNet (e.g. straight out of training): backend "eager" or "compile"."""
+        if backend not in ("eager", "compile"):
+            raise ValueError(f"from_model supports backend 'eager' or 'compile', got {backend!r}; export the model "
+                             "(deepsim_rt.export) or save it and use Registrator.load for the others")
+        info = _registration_info(model, source_sha256)
+        return cls(EagerBackend(model, _resolve_device(device), info, compile=backend == "compile"),
+                   source=f"<in-memory {type(model).__name__}>")
+
+    @classmethod
+    def load(cls, model: str | os.PathLike = "default-2d", backend: str = "auto",
+             device: str | torch.device | None = "auto", cache_dir: str | os.PathLike | None = None,
+             threads: int | None = None, verify: bool = True) -> Registrator:
+        """Load a registration model.
+
+        model: "default-2d" | "default-3d" (bundled weights) or a path to .safetensors / .onnx / .pt2 / .plan.
+        backend: one of BACKENDS. From a .safetensors checkpoint every backend works: "onnxruntime" and "aoti"
+            export it first into `cache_dir` (default: a temporary directory living as long as this object),
+            verified against PyTorch unless verify=False. An exported artifact runs on its own backend only.
+        device: "auto" (CUDA when available, else CPU), "cpu", "cuda[:i]".
+        threads: intra-op threads for ONNX Runtime (None: its default).
+        """
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        path = resolve_model(model)
+        suffix = path.suffix
+        if backend == "auto":
+            backend = _SUFFIX_BACKEND[suffix]
+        dev = _resolve_device(device)
+        if suffix in _ARTIFACT_BACKENDS and backend not in _ARTIFACT_BACKENDS[suffix]:
+            raise ValueError(f"{str(path)!r} is a {suffix} artifact; it runs with backend "
+                             f"{_ARTIFACT_BACKENDS[suffix][0]!r} (or 'auto'), not {backend!r}")
+        self_tmp = None
+        if suffix == ".safetensors":
+            net = load_model(path, map_location="cpu")
+            info = _registration_info(net, file_sha256(path))
+            if backend in ("eager", "compile"):
+                return cls(EagerBackend(net, dev, info, compile=backend == "compile"), source=str(path))
+            if cache_dir is None:
+                self_tmp = tempfile.TemporaryDirectory(prefix="deepsim_rt_")
+                cache_dir = self_tmp.name
+            path = _export_for_backend(net, path, backend, dev, Path(cache_dir), verify)
+        runner = _open_artifact(path, backend, dev, threads)
+        reg = cls(runner, source=str(path))
+        reg._tmpdir = self_tmp
+        return reg
+
+    # -- properties -----------------------------------------------------------------------------------------------
+    @property
+    def info(self) -> ArtifactInfo:
+        return self.backend.info
+
+    @property
+    def cfg(self) -> NetConfig:
+        return self.backend.info.cfg
+
+    @property
+    def ndim(self) -> int:
+        return self.cfg.ndim
+
+    @property
+    def backend_name(self) -> str:
+        return self.backend.name
+
+    @property
+    def device(self) -> torch.device:
+        return self.backend.device
+
+    def __repr__(self) -> str:
+        return (f"Registrator({self.ndim}D, backend={self.backend_name!r}, device={str(self.device)!r}, "
+                f"source={self.source!r})")
+
+    # -- the call -------------------------------------------------------------------------------------------------
+    def register(self, moving: Any, fixed: Any, moving_labels: Any = None) -> RegistrationResult:
+        """Register `moving` onto `fixed`; see the module docstring for accepted forms and what happens around
+        the network. moving, fixed: same form and shape; moving_labels: like moving with one channel."""
+        cfg = self.cfg
+        nd, ch = cfg.ndim, cfg.in_channels
+        m_t, m_np = _to_tensor("moving", moving)
+        f_t, _ = _to_tensor("fixed", fixed)
+        out_device = m_t.device
+        m_b, added = as_batch("moving", m_t, nd, ch)
+        f_b, f_added = as_batch("fixed", f_t, nd, ch)
+        if m_b.shape != f_b.shape or added != f_added:
+            raise ValueError(f"moving and fixed must have the same shape, got {tuple(m_t.shape)} and "
+                             f"{tuple(f_t.shape)}")
+        m_b = m_b.to(self.device, torch.float32)
+        f_b = f_b.to(self.device, torch.float32)
+        for name, x in (("moving", m_b), ("fixed", f_b)):
+            if not bool(torch.isfinite(x).all()):
+                raise ValueError(f"{name} contains NaN or Inf values (shape {tuple(x.shape)})")
+        labels_b = None
+        if moving_labels is not None:
+            l_t, _ = _to_tensor("moving_labels", moving_labels)
+            labels_b, l_added = as_batch("moving_labels", l_t, nd, 1)
+            if labels_b.shape[0] != m_b.shape[0] or labels_b.shape[2:] != m_b.shape[2:] or l_added != added:
+                raise ValueError(f"moving_labels must be shaped like moving with one channel: moving "
+                                 f"{tuple(m_t.shape)}, labels {tuple(l_t.shape)}")
+            labels_b = labels_b.to(self.device)
+
+        mov_n, lo, scale = minmax_normalize(m_b)
+        fix_n, _, _ = minmax_normalize(f_b)
+        pad_mode = "replicate" if cfg.padding == "border" else "zeros"
+        mov_p, pads = pad_to_multiple(mov_n, cfg.spatial_multiple, pad_mode)
+        fix_p, _ = pad_to_multiple(fix_n, cfg.spatial_multiple, pad_mode)
+        warped_p, disp_p = self.backend(mov_p.contiguous(), fix_p.contiguous())
+        warped = crop(warped_p, pads).float() * scale + lo
+        disp = crop(disp_p, pads).float().contiguous()
+        warped_labels = None
+        if labels_b is not None:
+            with torch.inference_mode():
+                warped_labels = warp(labels_b, disp, mode="nearest", padding=cfg.padding)
+        return RegistrationResult(
+            warped=_restore(warped, added, m_np, out_device),
+            displacement=_restore(disp, min(added, 1), m_np, out_device),
+            warped_labels=None if warped_labels is None else _restore_labels(warped_labels, added, moving_labels,
+                                                                              out_device),
+        )
+
+    __call__ = register
+
+
+def _restore_labels(x: torch.Tensor, added: int, original: Any, device: torch.device) -> Any:
+    if isinstance(original, np.ndarray):
+        out = _restore(x, added, True, device)
+        return out.astype(original.dtype, copy=False)
+    out = _restore(x, added, False, device)
+    return out.to(original.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Exported artifacts (imported lazily: onnxruntime / tensorrt may be absent)
+# ----------------------------------------------------------------------------------------------------------------
+def _export_for_backend(net: torch.nn.Module, ckpt: Path, backend: str, device: torch.device, cache_dir: Path,
+                        verify: bool) -> Path:
+    """Export a checkpoint's RegNet for `backend` into cache_dir (verified); returns the artifact path."""
+    sha = file_sha256(ckpt)
+    stem = f"{ckpt.stem}-{sha[:12]}"
+    if backend == "onnxruntime":
+        from deepsim_rt.export.onnx import export_onnx
+
+        out = cache_dir / f"{stem}.onnx"
+        if not out.is_file():
+            export_onnx(net, out, artifact="registration", source_sha256=sha, verify=verify)
+        return out
+    if backend == "aoti":
+        from deepsim_rt.export.aoti import export_aoti
+
+        out = cache_dir / f"{stem}-{device.type}.pt2"
+        if not out.is_file():
+            export_aoti(net, out, device=device, source_sha256=sha, verify=verify)
+        return out
+    if backend == "tensorrt":
+        from deepsim_rt.export.tensorrt import build_registration_engine
+
+        out = cache_dir / f"{stem}.plan"
+        if not out.is_file():
+            build_registration_engine(net, out, source_sha256=sha, verify=verify)
+        return out
+    raise ValueError(f"backend {backend!r} cannot run a checkpoint")  # pragma: no cover - checked by the caller
+
+
+def _open_artifact(path: Path, backend: str, device: torch.device, threads: int | None) -> Backend:
+    if backend == "onnxruntime":
+        from deepsim_rt.export.ort import OrtRunner
+
+        return OrtRunner(path, device=device, threads=threads, expect="registration")
+    if backend == "aoti":
+        from deepsim_rt.export.aoti import AotiRunner
+
+        return AotiRunner(path, device=device, expect="registration")
+    if backend == "tensorrt":
+        from deepsim_rt.export.tensorrt import TrtRunner
+
+        return TrtRunner(path, device=device)
+    raise ValueError(f"backend {backend!r} cannot open {str(path)!r}")  # pragma: no cover
