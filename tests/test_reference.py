@@ -127,6 +127,14 @@ def test_cosine_rejects_bad_input(fa, fb, reduction, match):
         ref.multilayer_cosine(fa, fb, reduction=reduction)
 
 
+@pytest.mark.parametrize("eps", [0.0, -1e-6, float("nan")])
+def test_cosine_rejects_non_positive_eps(eps):
+    z = [torch.zeros(1, 2, 3, 3)]  # all-zero features: eps = 0 would give 0/0
+    with pytest.raises(ValueError, match="eps"):
+        ref.multilayer_cosine(z, z, eps=eps)
+    assert ref.multilayer_cosine(z, z).item() == 0.0  # default eps: zero features have cosine 0, not NaN
+
+
 # ================================================================================================================
 # warp
 # ================================================================================================================
@@ -326,7 +334,8 @@ def test_integrate_small_smooth_field_is_invertible(rng, shape):
         (torch.zeros(1, 2, 4, 5), {"steps": -1}, "steps"),
         (torch.zeros(1, 2, 4, 5), {"steps": 2.0}, "steps"),
         (torch.zeros(1, 2, 4, 5), {"padding": "reflect"}, "padding"),
-        (torch.full((1, 2, 4, 5), float("nan")), {}, "NaN"),
+        (torch.full((1, 2, 4, 5), float("nan")), {}, "velocity contains NaN"),
+        (torch.full((1, 2, 4, 5), float("nan")), {"steps": 0}, "velocity contains NaN"),
     ],
 )
 def test_integrate_rejects_bad_input(v, kw, match):

@@ -109,6 +109,9 @@ def multilayer_cosine(
     Returns fp32 (fp64 for fp64 inputs); values in [-1, 1]. Loss = 1 - similarity.
     """
     check_cosine_inputs(feats_a, feats_b, reduction)
+    # eps <= 0 would turn an all-zero feature vector (common after LeakyReLU on a flat region) into 0/0 = NaN.
+    if isinstance(eps, bool) or not isinstance(eps, float | int) or not eps > 0:
+        raise ValueError(f"eps must be a positive number (clamp on the squared feature norm), got {eps!r}")
     for lvl, (fa, fb) in enumerate(zip(feats_a, feats_b, strict=True)):
         check_finite(f"feats_a[{lvl}]", fa)
         check_finite(f"feats_b[{lvl}]", fb)
@@ -212,6 +215,8 @@ def integrate(velocity: torch.Tensor, steps: int = DEFAULT_STEPS, padding: str =
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
         raise ValueError(f"steps must be a non-negative int, got {steps!r}")
     check_choice("padding", padding, PADDINGS)
+    # Checked here, not only inside warp: steps=0 never calls warp, and the message should name `velocity`.
+    check_finite("velocity", velocity)
     u = velocity / (2.0**steps)
     for _ in range(steps):
         u = u + warp(u, u, mode="linear", padding=padding)
