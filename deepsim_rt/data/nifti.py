@@ -233,10 +233,12 @@ class NiftiFolderDataset(torch.utils.data.Dataset):
         else:
             a = "__atlas__"
             self.pairs = [(p, a) if atlas_role == "fixed" else (a, p) for p in self.images]
+        # Labels need both sides of every pair. An Atlas object always has labels (used only with labels_dir).
         self.has_labels = self.labels_dir is not None
-        if atlas is not None and self.has_labels != (self._atlas_labels is not None):
-            raise ValueError("labels need both sides of every pair: give labels_dir together with atlas labels "
-                             "(atlas_labels, or an Atlas), or neither")
+        if atlas is not None and self.has_labels and self._atlas_labels is None:
+            raise ValueError("labels_dir is given but the atlas has no labels: pass atlas_labels (or an Atlas)")
+        if atlas_labels is not None and not self.has_labels:
+            raise ValueError("atlas_labels is given but labels_dir is not: the images need labels too")
 
     def _setup_atlas(self, atlas, atlas_labels, shapes: dict) -> None:
         from deepsim_rt.data.atlas import Atlas

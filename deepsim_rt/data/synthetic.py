@@ -144,7 +144,7 @@ PRESETS: dict[str, SyntheticConfig] = {
     "default-2d": SyntheticConfig(ndim=2, voxel_size=2, max_displacement=4.0, control_spacing=8, bias_spacing=16,
                                   n_train=256, n_val=32, n_test=32, n_test_pairs=64),
     # 40 x 48 x 40 volume at 4 mm: 3D training / demo on the CPU.
-    "default-3d": SyntheticConfig(ndim=3, voxel_size=4, max_displacement=3.0, control_spacing=6, bias_spacing=12,
+    "default-3d": SyntheticConfig(ndim=3, voxel_size=4, max_displacement=4.0, control_spacing=6, bias_spacing=12,
                                   n_train=64, n_val=8, n_test=16, n_test_pairs=32),
     # Same grid, few subjects: for unit tests.
     "tiny-3d": SyntheticConfig(ndim=3, voxel_size=4, max_displacement=2.0, control_spacing=8, bias_spacing=12,
