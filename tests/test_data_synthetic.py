@@ -17,7 +17,7 @@ from deepsim_rt.data import (
     load_atlas,
     num_classes,
 )
-from deepsim_rt.kernels import warp
+from deepsim_rt.kernels import integrate, warp
 
 QUIET = dict(gamma_std=0.0, contrast=0.0, bias_std=0.0, blur_max=0.0, noise_std=0.0)
 
@@ -116,8 +116,6 @@ def test_displacements_are_diffeomorphic(preset, n):
         assert u.norm(dim=0).max() > 0.5 * cfg.max_displacement * cfg.min_displacement_fraction  # really deforms
     # The inverse map exp(-v) undoes exp(v): u(p) + w(p + u(p)) ~ 0 in the interior.
     s = subs[0]
-    from deepsim_rt.kernels import integrate
-
     w = integrate(-s.velocity[None], steps=cfg.integration_steps)
     resid = s.displacement[None] + warp(w, s.displacement[None])
     inner = resid[(slice(None), slice(None)) + tuple(slice(4, -4) for _ in range(cfg.ndim))]
