@@ -284,6 +284,8 @@ def _bad_warp_cases():
         (torch.full((1, 1, 4, 5), float("nan")), fl2, {}, "NaN"),
         (img2, torch.full((1, 2, 4, 5), float("nan")), {}, "NaN"),
         (img2, torch.zeros(1, 2, 4), {}, "flow must be"),
+        # a 1-voxel axis has no align_corners=True grid: rejected rather than silently ignoring displacement
+        (torch.zeros(1, 1, 1, 4, 5), torch.zeros(1, 3, 1, 4, 5), {"padding": "zeros"}, ">= 2"),
     ]
 
 

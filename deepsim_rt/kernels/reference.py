@@ -151,6 +151,11 @@ def check_warp_inputs(image: torch.Tensor, flow: torch.Tensor, mode: str, paddin
     check_same_device(("image", "flow"), image, flow)
     check_not_empty("image", image)
     check_not_empty("flow", flow)
+    if min(image.shape[2:]) < 2:
+        # align_corners=True has no sampling grid on a 1-voxel axis (grid_sample maps every coordinate to index 0,
+        # which silently ignores displacement and zeros padding there): reject instead of guessing.
+        raise ValueError(f"every spatial size must be >= 2 to warp, got {tuple(image.shape[2:])}; use a 2D image "
+                         "instead of a 3D one with a singleton axis")
     return nsp
 
 
@@ -163,13 +168,12 @@ def identity_grid(spatial: Sequence[int], device=None, dtype=torch.float32) -> t
 def _sampling_grid(flow: torch.Tensor) -> torch.Tensor:
     """Voxel displacement (B, nd, *S) -> grid_sample grid (B, *S, nd) in [-1, 1], last dim ordered (x, y[, z]).
 
-    Normalization is 2 c / (n - 1) - 1 per axis (align_corners=True). A size-1 axis maps every coordinate to 0,
-    which grid_sample with align_corners=True sends back to index 0 whatever the value.
+    Normalization is 2 c / (n - 1) - 1 per axis (align_corners=True); check_warp_inputs guarantees n >= 2.
     """
     spatial = flow.shape[2:]
     nd = len(spatial)
     coords = identity_grid(spatial, device=flow.device, dtype=flow.dtype).unsqueeze(0) + flow
-    scale = torch.tensor([2.0 / max(n - 1, 1) for n in spatial], device=flow.device, dtype=flow.dtype)
+    scale = torch.tensor([2.0 / (n - 1) for n in spatial], device=flow.device, dtype=flow.dtype)
     scale = scale.view(1, nd, *([1] * nd))
     grid = coords * scale - 1.0
     # grid_sample wants the fastest-varying axis (x) first in the last dim: reverse the tensor-order channels.
