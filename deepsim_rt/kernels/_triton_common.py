@@ -1,0 +1,53 @@
+"""Small helpers shared by the Triton op modules (cosine, warp, integrate).
+
+This module imports Triton at import time; `deepsim_rt.kernels.dispatch` imports the op modules lazily, so a
+machine without Triton still imports `deepsim_rt.kernels` and runs the reference.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["launch", "acc_dtype", "tl_acc", "check_launch_device", "cdiv", "triton", "tl"]
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def launch(kernel, grid, *args, **kwargs) -> None:
+    """Launch `kernel[grid](*args, **kwargs)` through `torch.library.wrap_triton`.
+
+    Inside a `triton_op` body the wrapper lets torch.compile / torch.export record the launch as a traceable
+    kernel call; outside tracing it is a plain launch. Torch <= 2.12 refuses to wrap an interpreter kernel
+    (TRITON_INTERPRET=1 turns @triton.jit into an InterpretedFunction): then the kernel is launched as is,
+    which is all the eager interpreter path needs.
+    """
+    try:
+        runner = torch.library.wrap_triton(kernel)
+    except RuntimeError:
+        runner = kernel
+    runner[grid](*args, **kwargs)
+
+
+def acc_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    """Accumulation dtype: fp64 if any input is fp64 (gradcheck), else fp32 (fp32/bf16/fp16 inputs)."""
+    return torch.float64 if torch.float64 in dtypes else torch.float32
+
+
+def tl_acc(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def check_launch_device(name: str, t: torch.Tensor) -> None:
+    """Triton launches need CUDA tensors, or CPU tensors under TRITON_INTERPRET=1 (the eager test path)."""
+    import os
+
+    if t.device.type == "cuda":
+        return
+    if t.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1":
+        return
+    raise ValueError(f"the Triton kernels need CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), got {name} on "
+                     f"{t.device}")
