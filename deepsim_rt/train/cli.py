@@ -86,9 +86,17 @@ def add_subcommands(subparsers) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from deepsim_rt.cli import main as cli_main
-
-    return cli_main(argv)
+    """`python -m deepsim_rt.train.cli train-features|train-registration ...` (also under torchrun): the training
+    subcommands alone, with the same error handling as `deepsim-rt` (ValueError -> one line, exit code 2)."""
+    parser = argparse.ArgumentParser(prog="deepsim-rt")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    add_subcommands(sub)
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except ValueError as exc:
+        print(f"deepsim-rt {args.command}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

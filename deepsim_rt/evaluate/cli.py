@@ -1,0 +1,79 @@
+"""`deepsim-rt evaluate` (score a registration model on the test pairs) and `deepsim-rt study` (the loss study)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from deepsim_rt.evaluate.study import (
+    StudyConfig,
+    evaluate_pairs,
+    load_registration_model,
+    markdown_table,
+    model_register_fn,
+    run_study,
+    write_results,
+)
+from deepsim_rt.train.cli import add_dataclass_arguments, config_from_args
+from deepsim_rt.train.data import open_source
+
+__all__ = ["add_subcommands", "main"]
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    source = open_source(args.data)
+    models = {}
+    for spec in args.model or []:  # check every model before any (slow) evaluation
+        name, _, path = spec.rpartition("=")
+        models[name or Path(path).stem] = (path, load_registration_model(path, source))
+    limit = args.max_pairs or None
+    rows = {"none": evaluate_pairs(source, None, args.split, limit)}
+    for name, (_, model) in models.items():
+        rows[name] = evaluate_pairs(source, model_register_fn(model), args.split, limit, padding=model.cfg.padding)
+    summaries = write_results(args.out, rows, extra={"data": args.data, "split": args.split,
+                                                     "models": {n: p for n, (p, _) in models.items()}})
+    print(markdown_table(summaries), end="")
+    print(f"per-pair results: {Path(args.out) / 'results.json'}; table: {Path(args.out) / 'results.md'}")
+    return 0
+
+
+def _study(args: argparse.Namespace) -> int:
+    cfg = config_from_args(StudyConfig, args)
+    result = run_study(cfg)
+    out = Path(result["out"])
+    print((out / "results.md").read_text(), end="")
+    print(json.dumps({"timings_s": {k: round(v, 1) for k, v in result["timings_s"].items()},
+                      "skipped": result["skipped"]}))
+    print(f"box plot: {out / 'dice_boxplot.png'}; per-pair results: {out / 'results.json'}")
+    return 0
+
+
+def add_subcommands(subparsers) -> None:
+    p = subparsers.add_parser(
+        "evaluate", help="Dice / folding / std log|J| / endpoint error of registration models on the test pairs",
+        description="Registers the data set's fixed, seeded test pairs with each model (and without registration) "
+                    "and writes OUT/results.json (per pair) and OUT/results.md (table).")
+    p.add_argument("--model", action="append", metavar="[NAME=]PATH",
+                   help="registration model .safetensors (repeatable); none: only the unregistered baseline")
+    p.add_argument("--data", default="default-2d", help="synthetic preset or NIfTI folder (default: default-2d)")
+    p.add_argument("--split", default="test", choices=("val", "test"), help="pairs to evaluate (default: test)")
+    p.add_argument("--max-pairs", type=int, default=0, help="only the first N pairs (0: all)")
+    p.add_argument("--out", default="runs/evaluate", help="output folder (default: runs/evaluate)")
+    p.set_defaults(func=_evaluate)
+
+    p = subparsers.add_parser("study", help="train all losses, evaluate, box plot + table with Wilcoxon tests",
+                              description=StudyConfig.__doc__)
+    add_dataclass_arguments(p, StudyConfig)
+    p.set_defaults(func=_study)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from deepsim_rt.cli import main as cli_main
+
+    return cli_main(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
