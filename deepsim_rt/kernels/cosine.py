@@ -272,8 +272,9 @@ def _flat_level(fa: torch.Tensor, fb: torch.Tensor):
 
 
 def _check_eps(eps: float) -> float:
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0 or not math.isfinite(eps):
-        raise ValueError(f"eps must be a finite float >= 0, got {eps!r}")
+    # Same rule as the reference: eps <= 0 turns an all-zero feature vector into 0/0 = NaN.
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0 or not math.isfinite(eps):
+        raise ValueError(f"eps must be a positive number (clamp on the squared feature norm), got {eps!r}")
     return float(eps)
 
 

@@ -1,0 +1,99 @@
+"""Scaling and squaring on the warp kernel: launchers -> autograd.Function -> function.
+
+    u_0 = v / 2**steps;   u_{k+1} = u_k + u_k o (id + u_k)   (steps times)   -- exactly `reference.integrate`.
+
+Each step is ONE launch of the warp forward kernel with ADD_SELF (the field is both the image and the
+displacement, and the residual add happens in the kernel): no grid, no separate add, 7 launches for 7 steps.
+
+Backward: only the velocity is saved; the backward recomputes u_0 .. u_{steps-1} (steps launches, cheap next to the
+backward itself) and walks them in reverse. For one step, with g the gradient of u_{k+1}:
+    g_k = g + grad_image(warp)(g) + grad_flow(warp)(g)
+because u_k is the identity term, the warped image AND the displacement: the image-role gradient is the atomic
+scatter, the flow-role gradient the per-voxel term, both from one warp backward launch.
+Memory held between forward and backward: the velocity only (a field); during the backward: steps fields.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from deepsim_rt._checks import PADDINGS, check_choice, check_float, check_spatial_ndim
+from deepsim_rt.kernels._triton_common import acc_dtype, check_launch_device
+from deepsim_rt.kernels.reference import DEFAULT_STEPS
+from deepsim_rt.kernels.warp_kernel import warp_bwd, warp_fwd
+
+__all__ = ["integrate_fwd", "integrate_bwd", "IntegrateFunction", "integrate", "check_integrate_inputs"]
+
+
+def check_integrate_inputs(velocity: torch.Tensor, steps: int, padding: str) -> int:
+    """The reference's argument rules (velocity (B, ndim, *S) float, steps int >= 0, padding); returns ndim."""
+    check_float("velocity", velocity)
+    nsp = check_spatial_ndim("velocity", velocity)
+    if velocity.shape[1] != nsp:
+        raise ValueError(f"velocity must have {nsp} channels for a {nsp}D field, got {velocity.shape[1]}")
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
+        raise ValueError(f"steps must be a non-negative int, got {steps!r}")
+    check_choice("padding", padding, PADDINGS)
+    if velocity.numel() == 0:
+        raise ValueError(f"velocity must not be empty, got shape {tuple(velocity.shape)}")
+    if min(velocity.shape[2:]) < 2:
+        raise ValueError(f"every spatial size must be >= 2 to integrate, got {tuple(velocity.shape[2:])}")
+    return nsp
+
+
+def _trajectory(velocity: torch.Tensor, steps: int, padding: str, keep: bool):
+    u = velocity / (2.0**steps)
+    kept = []
+    for _ in range(steps):
+        if keep:
+            kept.append(u)
+        u = warp_fwd(u, u, "linear", padding, add_self=True)
+    return u, kept
+
+
+def integrate_fwd(velocity: torch.Tensor, steps: int = DEFAULT_STEPS, padding: str = "border") -> torch.Tensor:
+    """Forward launcher: velocity (B, ndim, *S) voxels -> displacement of exp(v), (B, ndim, *S), contiguous."""
+    check_integrate_inputs(velocity, steps, padding)
+    check_launch_device("velocity", velocity)
+    return _trajectory(velocity, steps, padding, keep=False)[0]
+
+
+def integrate_bwd(grad: torch.Tensor, velocity: torch.Tensor, steps: int = DEFAULT_STEPS,
+                  padding: str = "border") -> torch.Tensor:
+    """Backward launcher: d loss / d displacement (B, ndim, *S) -> d loss / d velocity (same shape and dtype)."""
+    check_integrate_inputs(velocity, steps, padding)
+    check_launch_device("velocity", velocity)
+    if tuple(grad.shape) != tuple(velocity.shape):
+        raise ValueError(f"grad must have the velocity's shape {tuple(velocity.shape)}, got {tuple(grad.shape)}")
+    _, us = _trajectory(velocity, steps, padding, keep=True)
+    # The running gradient stays fp32 for bf16/fp16 fields (7 rounded additions would cost ~3 bits otherwise).
+    g = grad.to(acc_dtype(velocity.dtype))
+    for u in reversed(us):
+        gi, gf = warp_bwd(g, u, u, "linear", padding, need_image=True, need_flow=True)
+        g = g + gi + gf
+    return (g / (2.0**steps)).to(velocity.dtype)
+
+
+class IntegrateFunction(torch.autograd.Function):
+    """apply(velocity, steps, padding). Saves only the velocity; the backward recomputes the trajectory."""
+
+    @staticmethod
+    def forward(ctx, velocity, steps, padding):
+        ctx.steps, ctx.padding = steps, padding
+        ctx.save_for_backward(velocity)
+        return integrate_fwd(velocity, steps, padding)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (velocity,) = ctx.saved_tensors
+        return integrate_bwd(grad, velocity, ctx.steps, ctx.padding), None, None
+
+
+def integrate(velocity: torch.Tensor, steps: int = DEFAULT_STEPS, padding: str = "border") -> torch.Tensor:
+    """Scaling and squaring on the Triton warp kernel (eager path; contract of `reference.integrate`).
+
+    velocity (B, ndim, *S) float, voxel units; steps >= 0 (0 returns a copy of v). Returns (B, ndim, *S).
+    The image-role gradient uses atomics, so the velocity gradient is not bitwise reproducible run to run.
+    """
+    check_integrate_inputs(velocity, steps, padding)
+    return IntegrateFunction.apply(velocity, steps, padding)
