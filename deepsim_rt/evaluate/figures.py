@@ -73,41 +73,56 @@ def _grid_lines(ax, u: np.ndarray, step: int, color: str = "tab:red") -> None:
 def registration_panel(fixed: torch.Tensor, moving: torch.Tensor, warped: torch.Tensor, u: torch.Tensor,
                        path: str | Path, title: str = "", labels: dict[str, torch.Tensor] | None = None,
                        stats: dict[str, str] | None = None) -> Path:
-    """One row: fixed | moving | warped | |warped - fixed| (and |moving - fixed|) | deformed grid | checkerboard.
+    """Two rows of four panels:
+        fixed | moving | warped moving | checkerboard (warped / fixed)
+        |moving - fixed| | |warped - fixed| | deformed grid on the warped image | displacement magnitude
 
     2D tensors (H, W) for images and (2, H, W) for u (3D callers pass a slice and its in-plane components).
     labels: optional {"fixed": ..., "warped": ...} label maps drawn as contours on the fixed / warped panels.
-    stats: short strings shown under the title (e.g. Dice before/after).
+    stats: short strings shown under the title (e.g. Dice before/after). Row 0 of the array is drawn at the bottom.
     """
     plt = _plt()
     f, m, w = (x.detach().cpu().float().numpy() for x in (fixed, moving, warped))
     uu = u.detach().cpu().float().numpy()
     diff_before, diff_after = np.abs(m - f), np.abs(w - f)
-    vmax = max(float(diff_before.max()), 1e-6)
-    panels = [("fixed", f, "gray", 1.0), ("moving", m, "gray", 1.0), ("warped moving", w, "gray", 1.0),
-              ("|moving − fixed|", diff_before, "magma", vmax), ("|warped − fixed|", diff_after, "magma", vmax)]
-    fig, axes = plt.subplots(1, 7, figsize=(19, 3.4))
-    for ax, (name, img, cmap, hi) in zip(axes, panels, strict=False):
-        ax.imshow(img, cmap=cmap, vmin=0.0, vmax=hi, origin="lower", interpolation="nearest")
-        ax.set_title(name, fontsize=10)
+    vmax = max(float(np.percentile(diff_before, 99.5)), 1e-6)
+    h, wd = f.shape
+    fig, axes = plt.subplots(2, 4, figsize=(4 * 3.2 * wd / max(h, wd) + 1.5, 2 * 3.2 * h / max(h, wd) + 1.2))
+    show = dict(origin="lower", interpolation="nearest")
+    gray = dict(cmap="gray", vmin=0.0, vmax=1.0, **show)
+    axes[0, 0].imshow(f, **gray)
+    axes[0, 0].set_title("fixed")
+    axes[0, 1].imshow(m, **gray)
+    axes[0, 1].set_title("moving")
+    axes[0, 2].imshow(w, **gray)
+    axes[0, 2].set_title("warped moving")
+    axes[0, 3].imshow(checkerboard(w, f), **gray)
+    axes[0, 3].set_title("checkerboard warped / fixed")
     if labels:
-        for ax, key in ((axes[0], "fixed"), (axes[2], "warped")):
+        for ax, key in ((axes[0, 0], "fixed"), (axes[0, 2], "warped")):
             if key in labels:
                 lab = labels[key].detach().cpu().numpy()
-                ax.contour(lab, levels=np.arange(0.5, lab.max() + 0.5), colors="tab:cyan", linewidths=0.4,
+                ax.contour(lab, levels=np.arange(0.5, lab.max() + 0.5), colors="tab:cyan", linewidths=0.5,
                            origin="lower")
-    axes[5].imshow(w, cmap="gray", vmin=0.0, vmax=1.0, origin="lower", interpolation="nearest")
-    step = max(2, min(f.shape) // 16)
-    _grid_lines(axes[5], uu, step)
-    axes[5].set_xlim(-0.5, f.shape[1] - 0.5)
-    axes[5].set_ylim(-0.5, f.shape[0] - 0.5)
-    mag = float(np.sqrt((uu ** 2).sum(0)).max())
-    axes[5].set_title(f"deformed grid (max |u| {mag:.1f} vox)", fontsize=10)
-    axes[6].imshow(checkerboard(w, f), cmap="gray", vmin=0.0, vmax=1.0, origin="lower", interpolation="nearest")
-    axes[6].set_title("checkerboard warped/fixed", fontsize=10)
-    for ax in axes:
+    err = (diff_before.mean(), diff_after.mean())
+    axes[1, 0].imshow(diff_before, cmap="magma", vmin=0.0, vmax=vmax, **show)
+    axes[1, 0].set_title(f"|moving − fixed| (mean {err[0]:.3f})")
+    im = axes[1, 1].imshow(diff_after, cmap="magma", vmin=0.0, vmax=vmax, **show)
+    axes[1, 1].set_title(f"|warped − fixed| (mean {err[1]:.3f})")
+    fig.colorbar(im, ax=axes[1, 1], fraction=0.046, pad=0.02)
+    axes[1, 2].imshow(w, **gray)
+    _grid_lines(axes[1, 2], uu, max(2, min(h, wd) // 16))
+    axes[1, 2].set_xlim(-0.5, wd - 0.5)
+    axes[1, 2].set_ylim(-0.5, h - 0.5)
+    axes[1, 2].set_title("deformed grid")
+    mag = np.sqrt((uu ** 2).sum(0))
+    im = axes[1, 3].imshow(mag, cmap="viridis", vmin=0.0, **show)
+    axes[1, 3].set_title(f"|u| voxels (max {float(mag.max()):.2f})")
+    fig.colorbar(im, ax=axes[1, 3], fraction=0.046, pad=0.02)
+    for ax in axes.ravel():
         ax.set_xticks([])
         ax.set_yticks([])
+        ax.title.set_fontsize(10)
     heading = title
     if stats:
         heading += ("\n" if heading else "") + "   ".join(f"{k}: {v}" for k, v in stats.items())
