@@ -401,9 +401,12 @@ def warp_bwd(grad_out: torch.Tensor, image: torch.Tensor, flow: torch.Tensor, mo
     gflow = torch.empty(flow.shape, device=flow.device, dtype=flow.dtype) if need_flow else None
     atomic_img = need_image and not deterministic
     gimg = torch.zeros(image.shape, device=image.device, dtype=acc) if atomic_img else None
+    # 0-element stand-in for an output the launch does not write (NEED_* pruned): never an input, so
+    # wrap_triton's mutation analysis cannot take an input for an output.
+    placeholder = torch.empty(0, device=flow.device, dtype=acc)
     if need_flow or atomic_img:
         launch(_warp_bwd_kernel, (cdiv(D * H * W, BLOCK), B), grad_out, src, flow,
-               gimg if atomic_img else grad_out, gflow if need_flow else grad_out, C, D, H, W,
+               gimg if atomic_img else placeholder, gflow if need_flow else placeholder, C, D, H, W,
                *_strides(src, nsp), *_strides(flow, nsp),
                NDIM=nsp, BORDER=padding == "border", NEAREST=mode == "nearest",
                NEED_IMG=atomic_img, NEED_FLOW=need_flow, COMPUTE=_compute(flow), BLOCK=BLOCK)
