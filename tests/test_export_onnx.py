@@ -28,7 +28,7 @@ warnings.filterwarnings("ignore", module=r"torch\.onnx.*")
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     d = tmp_path_factory.mktemp("onnx")
-    models = {"reg2": random_regnet(2, seed=11), "reg3": random_regnet(3, seed=12),
+    models = {"reg2": random_regnet(2, seed=11), "reg3": random_regnet(3, seed=12, integrate_steps=2),
               "seg2": random_extractor("seg", 2, seed=13)}
     ckpt = save_model(d / "reg2.safetensors", models["reg2"])
     out = {
@@ -56,10 +56,12 @@ def test_export_reports_small_error_on_random_and_real_inputs(exported):
 
 def test_graph_is_clean_and_opset_as_documented(exported):
     _, out, _ = exported
-    for key, opset in (("reg2", 19), ("reg3", 20)):
+    for key, opset, steps in (("reg2", 19, 0), ("reg3", 20, 2)):
         path = out[key].path
         ops = _ops(path)
-        assert ops["GridSample"] == 1 and ops["BatchNormalization"] == 0 and ops["Dropout"] == 0
+        # one GridSample for the warp plus one per scaling-and-squaring step (reg3 integrates a velocity field)
+        assert out[key].info.extra["integrate_steps"] == steps
+        assert ops["GridSample"] == 1 + steps and ops["BatchNormalization"] == 0 and ops["Dropout"] == 0
         proto = onnx.load(str(path))
         assert {o.domain: o.version for o in proto.opset_import}[""] == opset
         dims = [d.dim_param or d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim]

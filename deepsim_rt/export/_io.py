@@ -1,0 +1,59 @@
+"""Atomic writes for exporters whose tools insist on a file suffix (.pt2, .onnx, .plan) or write a whole folder."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+__all__ = ["atomic_file", "atomic_dir"]
+
+
+def atomic_file(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
+    """write(tmp) on a temporary file beside `path` with the SAME suffix, then rename it over `path`.
+
+    Some writers check the suffix (AOTInductor wants '.pt2'), so the temp name keeps it. On any exception the temp
+    file is removed and `path` is untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
+    os.close(fd)
+    os.unlink(tmp)  # writers that refuse to overwrite get a fresh name
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def atomic_dir(path: str | os.PathLike, write: Callable[[Path], None], overwrite: bool = False) -> Path:
+    """write(tmp_dir) fills a temporary folder beside `path`, which is then renamed to `path`.
+
+    An existing `path` is refused unless overwrite=True (then replaced only after write succeeded). On failure the
+    temporary folder is removed and `path` is untouched.
+    """
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise ValueError(f"{str(path)!r} already exists; pass overwrite=True (CLI: --overwrite) to replace it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        write(tmp)
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+            os.rmdir(old)
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path

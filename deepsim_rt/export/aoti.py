@@ -1,0 +1,168 @@
+"""AOTInductor packages (.pt2): torch.export with dynamic shapes -> aoti_compile_and_package, verified on load.
+
+    result = export_aoti(model_or_checkpoint, "reg-cpu.pt2", device="cpu")   # or device="cuda"
+    runner = AotiRunner("reg-cpu.pt2")                                         # runner(moving, fixed)
+
+The graph is the same fixed-arity module as the ONNX export (BatchNorm folded, dropout removed), with dynamic batch
+and spatial axes (multiples of the network's multiple). On CPU the warp is the ATen reference (grid_sampler, which
+Inductor compiles to C++); exported on a CUDA device the deepsim_rt ops dispatch to their Triton kernels, which
+torch.export captures as `torch.library.triton_op`s and AOTInductor compiles into the package (their CUDA
+binaries ship inside it). A package runs on the device type it was compiled for only (recorded in its metadata).
+The deepsim_rt metadata travels in the package's own metadata (`aot_inductor.metadata`, read back with
+`get_metadata()`).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from deepsim_rt.export._io import atomic_file
+from deepsim_rt.export.metadata import ARTIFACT_FORMAT, ArtifactInfo, build_metadata, io_names, parse_metadata
+from deepsim_rt.export.onnx import ExportError, dynamic_shapes, example_inputs, load_source, verification_cases
+from deepsim_rt.export.ort import check_inputs
+from deepsim_rt.export.verify import FP32_TOL, VerifyReport, measure
+from deepsim_rt.export.wrappers import prepare_for_export, wrap
+
+__all__ = ["AotiExport", "export_aoti", "AotiRunner", "read_aoti_info"]
+
+
+@dataclass(frozen=True)
+class AotiExport:
+    path: Path
+    info: ArtifactInfo
+    device: str
+    report: VerifyReport | None
+    seconds: float
+
+
+def _device(device: str | torch.device) -> torch.device:
+    dev = torch.device(device)
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"AOTInductor packages target 'cpu' or 'cuda', got {str(device)!r}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("an AOTInductor CUDA package needs a CUDA device here (torch.cuda.is_available() is False)")
+    return dev
+
+
+def export_aoti(model: nn.Module | str | os.PathLike, path: str | os.PathLike, *, artifact: str = "registration",
+                device: str | torch.device = "cpu", eps: float = 1e-6, source_sha256: str | None = None,
+                verify: bool = True, tolerance: float = FP32_TOL) -> AotiExport:
+    """Compile `model` (nn.Module or .safetensors) into an AOTInductor package at `path` (.pt2) for `device`.
+
+    verify: load the package and compare it with eager PyTorch (same device) on random and atlas inputs at sizes
+    other than the trace example; ExportError above `tolerance` (fp32 1e-4), and nothing is written.
+    """
+    t0 = time.perf_counter()
+    path = Path(path)
+    if path.suffix != ".pt2":
+        raise ValueError(f"AOTInductor package path must end in .pt2, got {str(path)!r}")
+    dev = _device(device)
+    net, sha = load_source(model, artifact, source_sha256)
+    cfg = net.cfg
+    inputs, outputs = io_names(artifact, len(cfg.enc_channels))
+    module = wrap(prepare_for_export(net).to(dev), artifact, eps=eps)
+    reference = wrap(_reference(net, dev), artifact, eps=eps)
+    example = tuple(x.to(dev) for x in example_inputs(cfg, artifact))
+    meta = build_metadata(artifact, cfg, source_sha256=sha, inputs=inputs, outputs=outputs,
+                          extra={"device": dev.type, "eps": eps, "integrate_steps": cfg.integrate_steps,
+                                 "padding": cfg.padding, "batchnorm": "folded", "tolerance": tolerance})
+    reports: list[VerifyReport] = []
+
+    def write(tmp: str) -> None:
+        try:
+            with torch.no_grad():
+                ep = torch.export.export(module, example, dynamic_shapes=dynamic_shapes(cfg, artifact))
+                torch._inductor.aoti_compile_and_package(
+                    ep, package_path=tmp, inductor_configs={"aot_inductor.metadata": dict(meta)})
+        except Exception as exc:  # export / inductor / C++ compiler errors: one clear message
+            raise ExportError(f"AOTInductor export of the {artifact} model for {dev.type} failed: "
+                              f"{type(exc).__name__}: {str(exc)[:500]}") from exc
+        if verify:
+            runner = AotiRunner(tmp, device=dev, expect=artifact)
+            cases = [(name, tuple(x.to(dev) for x in xs))
+                     for name, xs in verification_cases(cfg, artifact, tuple(example[0].shape[2:]))]
+            rep = measure(reference, runner, cases, outputs, artifact=f"{artifact} AOTInductor",
+                          backend=f"aoti {dev.type}", tolerance=tolerance)
+            rep.check()
+            reports.append(rep)
+
+    try:
+        atomic_file(path, write)
+    except ExportError:
+        raise
+    except ValueError as exc:
+        raise ExportError(f"AOTInductor export to {str(path)!r} failed: {exc}") from exc
+    return AotiExport(path=path, info=parse_metadata(meta, str(path), expect=artifact), device=dev.type,
+                      report=reports[0] if reports else None, seconds=time.perf_counter() - t0)
+
+
+def _reference(net: nn.Module, dev: torch.device) -> nn.Module:
+    import copy
+
+    return copy.deepcopy(net).to(dev).eval()
+
+
+def _check_archive(path: Path) -> None:
+    """Reject a missing / truncated / corrupt package before the native loader sees it (it may abort otherwise)."""
+    if not path.is_file():
+        raise ValueError(f"AOTInductor package not found: {str(path)!r}")
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"{str(path)!r} is not an AOTInductor .pt2 package (not a zip archive: corrupt or "
+                         "truncated?)")
+    try:
+        with zipfile.ZipFile(path) as zf:
+            bad = zf.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+        raise ValueError(f"{str(path)!r} is a damaged .pt2 archive: {exc}") from exc
+    if bad is not None:
+        raise ValueError(f"{str(path)!r} is a damaged .pt2 archive: member {bad!r} fails its CRC check")
+
+
+def _ours(meta: dict[str, str]) -> dict[str, str]:
+    # The package metadata also holds AOTInductor's own keys (AOTI_DEVICE_KEY, ...): keep ours only when present.
+    return dict(meta) if meta.get("format") == ARTIFACT_FORMAT else {}
+
+
+class AotiRunner:
+    """Run a deepsim_rt AOTInductor package: `runner(*inputs) -> tuple of torch tensors` on its device."""
+
+    name = "aoti"
+
+    def __init__(self, path: str | os.PathLike, device: str | torch.device | None = None,
+                 expect: str | None = None) -> None:
+        path = Path(path)
+        self.path = path
+        _check_archive(path)
+        dev = torch.device(device) if device is not None else None
+        try:
+            loaded = torch._inductor.aoti_load_package(
+                str(path), device_index=(dev.index or 0) if dev is not None and dev.type == "cuda" else -1)
+        except Exception as exc:  # RuntimeError from the loader: wrong content, missing .so, other torch ABI
+            raise ValueError(f"{str(path)!r} is not a loadable AOTInductor package: {type(exc).__name__}: "
+                             f"{str(exc).strip()[:300]}") from exc
+        meta = _ours(loaded.get_metadata())
+        self.info: ArtifactInfo = parse_metadata(meta, str(path), expect=expect)
+        built_for = self.info.extra.get("device", "cpu")
+        self.device = dev if dev is not None else torch.device(built_for)
+        if self.device.type != built_for:
+            raise ValueError(f"{str(path)!r} was compiled for {built_for!r}; it cannot run on {str(self.device)!r} "
+                             f"(export one with device={self.device.type!r})")
+        self.model = loaded
+
+    def __call__(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        check_inputs(self.info, inputs)
+        xs = [x.detach().to(self.device).contiguous() for x in inputs]
+        with torch.inference_mode():
+            outs = self.model(*xs)
+        return tuple(outs)
+
+
+def read_aoti_info(path: str | os.PathLike, expect: str | None = None) -> ArtifactInfo:
+    return AotiRunner(path, expect=expect).info
