@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["launch", "acc_dtype", "tl_acc", "check_launch_device", "cdiv", "triton", "tl"]
+__all__ = ["launch", "acc_dtype", "tl_acc", "check_launch_device", "cdiv", "cast_out", "emulate_rtne", "triton", "tl"]
 
 
 def cdiv(a: int, b: int) -> int:
@@ -51,3 +51,24 @@ def check_launch_device(name: str, t: torch.Tensor) -> None:
         return
     raise ValueError(f"the Triton kernels need CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), got {name} on "
                      f"{t.device}")
+
+
+def emulate_rtne(kernel, *dtypes: torch.dtype) -> bool:
+    """True when `kernel` runs under the interpreter and a bf16 tensor is written: Triton 3.9's interpreter
+    TRUNCATES fp32 -> bf16 (even with fp_downcast_rounding="rtne"), GPUs round to nearest even (cvt.rn.bf16.f32).
+    The kernels then round by hand so that CI checks the numbers the GPU produces."""
+    return type(kernel).__name__ == "InterpretedFunction" and torch.bfloat16 in dtypes
+
+
+@triton.jit
+def cast_out(x, ety: tl.constexpr, EMULATE_RTNE: tl.constexpr):
+    """x.to(ety), with round-to-nearest-even done in integer ops when EMULATE_RTNE (interpreter + bf16 only)."""
+    if EMULATE_RTNE and ety == tl.bfloat16:
+        xf = x.to(tl.float32)
+        bits = xf.to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)  # round half to even on the 16 dropped bits
+        out = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        out = tl.where(xf != xf, xf.to(tl.bfloat16), out)  # NaN stays NaN
+    else:
+        out = x.to(ety)
+    return out

@@ -33,7 +33,16 @@ from collections.abc import Sequence
 import torch
 
 from deepsim_rt._checks import check_choice
-from deepsim_rt.kernels._triton_common import acc_dtype, cdiv, check_launch_device, launch, tl, triton
+from deepsim_rt.kernels._triton_common import (
+    acc_dtype,
+    cast_out,
+    cdiv,
+    check_launch_device,
+    emulate_rtne,
+    launch,
+    tl,
+    triton,
+)
 from deepsim_rt.kernels.reference import DEFAULT_EPS, check_cosine_inputs
 
 __all__ = ["cosine_fwd", "cosine_bwd", "MultilayerCosineFunction", "multilayer_cosine", "MAX_LEVELS"]
@@ -162,7 +171,7 @@ def _sum_partials_kernel(part_ptr, out_ptr, n, BLOCK: tl.constexpr):
 @triton.jit
 def _cos_bwd_level(a_ptr, b_ptr, ga_ptr, gb_ptr, gm_ptr, C, N, sB, sC, sP, tot, local_pid, g_ptr, eps,
                    NEED_A: tl.constexpr, NEED_B: tl.constexpr, GRAD_MAP: tl.constexpr, n_levels,
-                   ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+                   ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, EMULATE_RTNE: tl.constexpr):
     nblk = tl.cdiv(N, BLOCK_P)
     bi = local_pid // nblk
     offs_p = (local_pid - bi * nblk) * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -196,10 +205,10 @@ def _cos_bwd_level(a_ptr, b_ptr, ga_ptr, gb_ptr, gm_ptr, C, N, sB, sC, sP, tot, 
         b = tl.load(b_ptr + off, mask=m, other=0.0).to(ACC)
         if NEED_A:
             ga = cross[None, :] * b - self_a[None, :] * a
-            tl.store(ga_ptr + goff, ga.to(ga_ptr.dtype.element_ty), mask=m)
+            tl.store(ga_ptr + goff, cast_out(ga, ga_ptr.dtype.element_ty, EMULATE_RTNE), mask=m)
         if NEED_B:
             gb = cross[None, :] * a - self_b[None, :] * b
-            tl.store(gb_ptr + goff, gb.to(gb_ptr.dtype.element_ty), mask=m)
+            tl.store(gb_ptr + goff, cast_out(gb, gb_ptr.dtype.element_ty, EMULATE_RTNE), mask=m)
 
 
 @triton.jit
@@ -214,40 +223,40 @@ def _cos_bwd_kernel(
     a7, b7, ga7, gb7, gm7, C7, N7, sB7, sC7, sP7, stop7, tot7,
     g_ptr, eps, n_levels,
     NUM_LEVELS: tl.constexpr, NEED_A: tl.constexpr, NEED_B: tl.constexpr, GRAD_MAP: tl.constexpr,
-    ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, EMULATE_RTNE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     if pid < stop0:
         _cos_bwd_level(a0, b0, ga0, gb0, gm0, C0, N0, sB0, sC0, sP0, tot0, pid, g_ptr, eps,
-                       NEED_A, NEED_B, GRAD_MAP, n_levels, ACC, BLOCK_C, BLOCK_P)
+                       NEED_A, NEED_B, GRAD_MAP, n_levels, ACC, BLOCK_C, BLOCK_P, EMULATE_RTNE)
     if NUM_LEVELS > 1:
         if (pid >= stop0) & (pid < stop1):
             _cos_bwd_level(a1, b1, ga1, gb1, gm1, C1, N1, sB1, sC1, sP1, tot1, pid - stop0, g_ptr, eps,
-                           NEED_A, NEED_B, GRAD_MAP, n_levels, ACC, BLOCK_C, BLOCK_P)
+                           NEED_A, NEED_B, GRAD_MAP, n_levels, ACC, BLOCK_C, BLOCK_P, EMULATE_RTNE)
     if NUM_LEVELS > 2:
         if (pid >= stop1) & (pid < stop2):
             _cos_bwd_level(a2, b2, ga2, gb2, gm2, C2, N2, sB2, sC2, sP2, tot2, pid - stop1, g_ptr, eps,
-                           NEED_A, NEED_B, GRAD_MAP, n_levels, ACC, BLOCK_C, BLOCK_P)
+                           NEED_A, NEED_B, GRAD_MAP, n_levels, ACC, BLOCK_C, BLOCK_P, EMULATE_RTNE)
     if NUM_LEVELS > 3:
         if (pid >= stop2) & (pid < stop3):
             _cos_bwd_level(a3, b3, ga3, gb3, gm3, C3, N3, sB3, sC3, sP3, tot3, pid - stop2, g_ptr, eps,
-                           NEED_A, NEED_B, GRAD_MAP, n_levels, ACC, BLOCK_C, BLOCK_P)
+                           NEED_A, NEED_B, GRAD_MAP, n_levels, ACC, BLOCK_C, BLOCK_P, EMULATE_RTNE)
     if NUM_LEVELS > 4:
         if (pid >= stop3) & (pid < stop4):
             _cos_bwd_level(a4, b4, ga4, gb4, gm4, C4, N4, sB4, sC4, sP4, tot4, pid - stop3, g_ptr, eps,
-                           NEED_A, NEED_B, GRAD_MAP, n_levels, ACC, BLOCK_C, BLOCK_P)
+                           NEED_A, NEED_B, GRAD_MAP, n_levels, ACC, BLOCK_C, BLOCK_P, EMULATE_RTNE)
     if NUM_LEVELS > 5:
         if (pid >= stop4) & (pid < stop5):
             _cos_bwd_level(a5, b5, ga5, gb5, gm5, C5, N5, sB5, sC5, sP5, tot5, pid - stop4, g_ptr, eps,
-                           NEED_A, NEED_B, GRAD_MAP, n_levels, ACC, BLOCK_C, BLOCK_P)
+                           NEED_A, NEED_B, GRAD_MAP, n_levels, ACC, BLOCK_C, BLOCK_P, EMULATE_RTNE)
     if NUM_LEVELS > 6:
         if (pid >= stop5) & (pid < stop6):
             _cos_bwd_level(a6, b6, ga6, gb6, gm6, C6, N6, sB6, sC6, sP6, tot6, pid - stop5, g_ptr, eps,
-                           NEED_A, NEED_B, GRAD_MAP, n_levels, ACC, BLOCK_C, BLOCK_P)
+                           NEED_A, NEED_B, GRAD_MAP, n_levels, ACC, BLOCK_C, BLOCK_P, EMULATE_RTNE)
     if NUM_LEVELS > 7:
         if (pid >= stop6) & (pid < stop7):
             _cos_bwd_level(a7, b7, ga7, gb7, gm7, C7, N7, sB7, sC7, sP7, tot7, pid - stop6, g_ptr, eps,
-                           NEED_A, NEED_B, GRAD_MAP, n_levels, ACC, BLOCK_C, BLOCK_P)
+                           NEED_A, NEED_B, GRAD_MAP, n_levels, ACC, BLOCK_C, BLOCK_P, EMULATE_RTNE)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -375,7 +384,8 @@ def cosine_bwd(feats_a: Sequence[torch.Tensor], feats_b: Sequence[torch.Tensor],
             args += [va, vb, ga, gb, gmaps[lvl], C, N, sB, sC, sP, stop, B * N]
         launch(_cos_bwd_kernel, (stop,), *args, gscalar, eps, n_levels,
                NUM_LEVELS=len(chunk), NEED_A=need_a, NEED_B=need_b, GRAD_MAP=grad_map,
-               ACC=tl.float64 if acc == torch.float64 else tl.float32, BLOCK_C=BLOCK_C, BLOCK_P=BLOCK_P)
+               ACC=tl.float64 if acc == torch.float64 else tl.float32, BLOCK_C=BLOCK_C, BLOCK_P=BLOCK_P,
+               EMULATE_RTNE=emulate_rtne(_cos_bwd_kernel, *(fa.dtype for fa in feats_a)))
     return grads_a, grads_b
 
 

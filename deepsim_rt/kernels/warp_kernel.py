@@ -26,7 +26,16 @@ from __future__ import annotations
 import torch
 
 from deepsim_rt._checks import check_choice
-from deepsim_rt.kernels._triton_common import acc_dtype, cdiv, check_launch_device, launch, tl, triton
+from deepsim_rt.kernels._triton_common import (
+    acc_dtype,
+    cast_out,
+    cdiv,
+    check_launch_device,
+    emulate_rtne,
+    launch,
+    tl,
+    triton,
+)
 from deepsim_rt.kernels.reference import check_warp_inputs
 
 __all__ = ["warp_fwd", "warp_bwd", "WarpFunction", "warp"]
@@ -132,7 +141,7 @@ def _warp_fwd_kernel(img_ptr, flow_ptr, out_ptr, C, D, H, W,
                      s_ib, s_ic, s_id, s_ih, s_iw,
                      s_fb, s_fc, s_fd, s_fh, s_fw,
                      NDIM: tl.constexpr, BORDER: tl.constexpr, NEAREST: tl.constexpr, ADD_SELF: tl.constexpr,
-                     COMPUTE: tl.constexpr, BLOCK: tl.constexpr):
+                     COMPUTE: tl.constexpr, BLOCK: tl.constexpr, EMULATE_RTNE: tl.constexpr):
     b, N, offs, pm, di, hi, wi, ud, uh, uw = _voxel_setup(flow_ptr, D, H, W, s_fb, s_fc, s_fd, s_fh, s_fw,
                                                           NDIM, COMPUTE, BLOCK)
     ib = img_ptr + b * s_ib
@@ -174,7 +183,7 @@ def _warp_fwd_kernel(img_ptr, flow_ptr, out_ptr, C, D, H, W,
             if ADD_SELF:
                 # Scaling-and-squaring step u + u o (id + u): the image IS the displacement, so add its value here.
                 acc += tl.load(cb + di * s_id + hi * s_ih + wi * s_iw, mask=pm, other=0.0).to(COMPUTE)
-            tl.store(ob, acc.to(out_ptr.dtype.element_ty), mask=pm)
+            tl.store(ob, cast_out(acc, out_ptr.dtype.element_ty, EMULATE_RTNE), mask=pm)
             ib += s_ic
             ob += N
 
@@ -185,7 +194,7 @@ def _warp_bwd_kernel(gout_ptr, img_ptr, flow_ptr, gimg_ptr, gflow_ptr, C, D, H, 
                      s_fb, s_fc, s_fd, s_fh, s_fw,
                      NDIM: tl.constexpr, BORDER: tl.constexpr, NEAREST: tl.constexpr,
                      NEED_IMG: tl.constexpr, NEED_FLOW: tl.constexpr,
-                     COMPUTE: tl.constexpr, BLOCK: tl.constexpr):
+                     COMPUTE: tl.constexpr, BLOCK: tl.constexpr, EMULATE_RTNE: tl.constexpr):
     """gout, gimg (fp32/fp64 atomic buffer) and gflow are contiguous; image and flow may be strided."""
     b, N, offs, pm, di, hi, wi, ud, uh, uw = _voxel_setup(flow_ptr, D, H, W, s_fb, s_fc, s_fd, s_fh, s_fw,
                                                           NDIM, COMPUTE, BLOCK)
@@ -252,12 +261,12 @@ def _warp_bwd_kernel(gout_ptr, img_ptr, flow_ptr, gimg_ptr, gflow_ptr, C, D, H, 
         if NEED_FLOW:
             ety = gflow_ptr.dtype.element_ty
             if NDIM == 3:
-                tl.store(gfb, (gd * gmd).to(ety), mask=pm)
-                tl.store(gfb + N, (gh * gmh).to(ety), mask=pm)
-                tl.store(gfb + 2 * N, (gw * gmw).to(ety), mask=pm)
+                tl.store(gfb, cast_out(gd * gmd, ety, EMULATE_RTNE), mask=pm)
+                tl.store(gfb + N, cast_out(gh * gmh, ety, EMULATE_RTNE), mask=pm)
+                tl.store(gfb + 2 * N, cast_out(gw * gmw, ety, EMULATE_RTNE), mask=pm)
             else:
-                tl.store(gfb, (gh * gmh).to(ety), mask=pm)
-                tl.store(gfb + N, (gw * gmw).to(ety), mask=pm)
+                tl.store(gfb, cast_out(gh * gmh, ety, EMULATE_RTNE), mask=pm)
+                tl.store(gfb + N, cast_out(gw * gmw, ety, EMULATE_RTNE), mask=pm)
 
 
 @triton.jit
@@ -359,7 +368,7 @@ def warp_fwd(image: torch.Tensor, flow: torch.Tensor, mode: str = "linear", padd
     grid = (cdiv(D * H * W, BLOCK), B)
     launch(_warp_fwd_kernel, grid, src, flow, out, C, D, H, W, *_strides(src, nsp), *_strides(flow, nsp),
            NDIM=nsp, BORDER=padding == "border", NEAREST=mode == "nearest", ADD_SELF=add_self,
-           COMPUTE=_compute(flow), BLOCK=BLOCK)
+           COMPUTE=_compute(flow), BLOCK=BLOCK, EMULATE_RTNE=emulate_rtne(_warp_fwd_kernel, out.dtype))
     return out.view(torch.bool) if image.dtype == torch.bool else out
 
 
@@ -409,7 +418,8 @@ def warp_bwd(grad_out: torch.Tensor, image: torch.Tensor, flow: torch.Tensor, mo
                gimg if atomic_img else placeholder, gflow if need_flow else placeholder, C, D, H, W,
                *_strides(src, nsp), *_strides(flow, nsp),
                NDIM=nsp, BORDER=padding == "border", NEAREST=mode == "nearest",
-               NEED_IMG=atomic_img, NEED_FLOW=need_flow, COMPUTE=_compute(flow), BLOCK=BLOCK)
+               NEED_IMG=atomic_img, NEED_FLOW=need_flow, COMPUTE=_compute(flow), BLOCK=BLOCK,
+               EMULATE_RTNE=emulate_rtne(_warp_bwd_kernel, flow.dtype))
     if need_image and deterministic:
         gimg = _grad_image_deterministic(grad_out, flow, nsp, D, H, W, C, mode, padding, acc).view(image.shape)
     if gimg is not None and gimg.dtype != image.dtype:
