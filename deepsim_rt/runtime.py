@@ -296,6 +296,12 @@ class Registrator:
         if backend == "auto":
             backend = _SUFFIX_BACKEND[suffix]
         dev = _resolve_device(device)
+        if backend == "onnxruntime" and device in (None, "auto") and dev.type == "cuda":
+            # torch sees a GPU, but the installed onnxruntime may be a CPU build (the lent GPU box's is)
+            from deepsim_rt.export.ort import _GPU_PROVIDERS, available_providers
+
+            if not any(p in available_providers() for p in _GPU_PROVIDERS):
+                dev = torch.device("cpu")
         if suffix in _ARTIFACT_BACKENDS and backend not in _ARTIFACT_BACKENDS[suffix]:
             raise ValueError(f"{str(path)!r} is a {suffix} artifact; it runs with backend "
                              f"{_ARTIFACT_BACKENDS[suffix][0]!r} (or 'auto'), not {backend!r}")
@@ -309,6 +315,8 @@ class Registrator:
                 self_tmp = tempfile.TemporaryDirectory(prefix="deepsim_rt_")
                 cache_dir = self_tmp.name
             path = _export_for_backend(net, path, backend, dev, Path(cache_dir), verify)
+        if path.suffix == ".pt2" and device in (None, "auto"):
+            dev = None  # a package runs on the device type it was compiled for: let it say which
         runner = _open_artifact(path, backend, dev, threads)
         reg = cls(runner, source=str(path))
         reg._tmpdir = self_tmp
@@ -429,11 +437,32 @@ def _export_for_backend(net: torch.nn.Module, ckpt: Path, backend: str, device: 
     raise ValueError(f"backend {backend!r} cannot run a checkpoint")  # pragma: no cover - checked by the caller
 
 
-def _open_artifact(path: Path, backend: str, device: torch.device, threads: int | None) -> Backend:
+class _FlowCompleter:
+    """Backend around a flow-only artifact (3D TensorRT-style graph): integrate (if configured) and warp here."""
+
+    def __init__(self, runner) -> None:
+        self.runner = runner
+        self.name = runner.name
+        self.info = runner.info
+        self.device = runner.device
+
+    def __call__(self, moving: torch.Tensor, fixed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        from deepsim_rt.kernels import integrate
+
+        (flow,) = self.runner(moving, fixed)
+        cfg = self.info.cfg
+        with torch.inference_mode():
+            if cfg.integrate_steps > 0:
+                flow = integrate(flow, steps=cfg.integrate_steps, padding=cfg.padding)
+            return warp(moving.to(flow.device), flow, mode="linear", padding=cfg.padding), flow
+
+
+def _open_artifact(path: Path, backend: str, device: torch.device | None, threads: int | None) -> Backend:
     if backend == "onnxruntime":
         from deepsim_rt.export.ort import OrtRunner
 
-        return OrtRunner(path, device=device, threads=threads, expect="registration")
+        runner = OrtRunner(path, device=device, threads=threads, expect="registration")
+        return _FlowCompleter(runner) if runner.info.extra.get("graph") == "flow" else runner
     if backend == "aoti":
         from deepsim_rt.export.aoti import AotiRunner
 
@@ -441,5 +470,5 @@ def _open_artifact(path: Path, backend: str, device: torch.device, threads: int 
     if backend == "tensorrt":
         from deepsim_rt.export.tensorrt import TrtRunner
 
-        return TrtRunner(path, device=device)
+        return TrtRunner(path, device=device)  # completes flow-only 3D engines itself
     raise ValueError(f"backend {backend!r} cannot open {str(path)!r}")  # pragma: no cover

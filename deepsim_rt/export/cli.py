@@ -1,14 +1,116 @@
-"""`deepsim-rt export`: turn a checkpoint into a verified deployment artifact (filled in below)."""
+"""`deepsim-rt export`: turn a checkpoint into a verified, self-describing deployment artifact.
+
+    deepsim-rt export --format onnx        --model default-3d --out reg3d.onnx
+    deepsim-rt export --format aoti        --model reg.safetensors --out reg-cpu.pt2 [--device cuda]
+    deepsim-rt export --format tensorrt    --model default-2d --out reg2d.plan [--precision fp16]
+    deepsim-rt export --format triton-repo --model default-3d --out model_repository/ [--name deepsim_reg_3d]
+    deepsim-rt export --format onnx --artifact metric --model default-3d --extractor seg --out deepsim3d.onnx
+
+Every export is checked against PyTorch on random and real (atlas) inputs at sizes other than the trace example;
+the measured max / mean error of every output is printed and the command fails (exit 2, nothing written) when any
+exceeds the tolerance it states (fp32: 1e-4).
+"""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+
+FORMATS = ("onnx", "aoti", "tensorrt", "triton-repo")
+
+
+def _source(args: argparse.Namespace) -> Path:
+    from deepsim_rt.runtime import BUNDLED_MODELS, bundled_model_path
+
+    part = "reg" if args.artifact == "registration" else args.extractor
+    if args.model in BUNDLED_MODELS:
+        path = bundled_model_path(args.model, part)
+        if not path.is_file():
+            raise ValueError(f"bundled {part} checkpoint for {args.model!r} not found at {path}")
+        return path
+    path = Path(args.model)
+    if path.suffix != ".safetensors" or not path.is_file():
+        raise ValueError(f"--model must be {BUNDLED_MODELS} or an existing .safetensors checkpoint, got "
+                         f"{args.model!r}")
+    return path
+
+
+def _print_report(report, tolerance: float) -> None:
+    if report is None:
+        print("verification skipped (--no-verify)")
+        return
+    print(report.summary())
+    print(f"OK: every output within the stated tolerance {tolerance:.1g}")
 
 
 def _cmd(args: argparse.Namespace) -> int:
-    raise ValueError("export is not available yet")
+    from deepsim_rt.export.verify import FP16_TOL, FP32_TOL
+
+    src = _source(args)
+    tol = args.tolerance if args.tolerance is not None else (FP16_TOL if args.precision == "fp16" else FP32_TOL)
+    verify = not args.no_verify
+    out = Path(args.out)
+    if args.format == "onnx":
+        from deepsim_rt.export.onnx import export_onnx
+
+        res = export_onnx(src, out, artifact=args.artifact, opset=args.opset, target=args.target, verify=verify,
+                          tolerance=tol)
+        _print_report(res.report, tol)
+        print(f"wrote {res.path} (opset {res.opset}, {res.seconds:.1f} s)")
+    elif args.format == "aoti":
+        from deepsim_rt.export.aoti import export_aoti
+
+        res = export_aoti(src, out, artifact=args.artifact, device=args.device, verify=verify, tolerance=tol)
+        _print_report(res.report, tol)
+        print(f"wrote {res.path} ({res.device}, {res.seconds:.1f} s)")
+    elif args.format == "tensorrt":
+        from deepsim_rt.export.tensorrt import build_registration_engine
+
+        if args.artifact != "registration":
+            raise ValueError("--format tensorrt builds registration engines; export features/metric to ONNX and "
+                             "use deepsim_rt.export.tensorrt.build_engine")
+        res = build_registration_engine(src, out, precision=args.precision, verify=verify,
+                                        timing_cache=args.timing_cache)
+        _print_report(res.report, tol)
+        print(f"wrote {res.path} and {res.path.name}.json ({res.precision}, {res.seconds:.1f} s)")
+    else:
+        import tempfile
+
+        from deepsim_rt.export.onnx import export_onnx
+        from deepsim_rt.export.triton_repo import write_triton_repo
+
+        with tempfile.TemporaryDirectory(prefix="deepsim_rt_repo_") as tmp:
+            res = export_onnx(src, Path(tmp) / "model.onnx", artifact=args.artifact, opset=args.opset,
+                              target=args.target, verify=verify, tolerance=tol)
+            _print_report(res.report, tol)
+            repo = write_triton_repo(res.path, out, name=args.name, max_batch_size=args.max_batch_size,
+                                     engine=args.engine, overwrite=args.overwrite)
+        for model in repo.models:
+            print(f"wrote {repo.root / model}/config.pbtxt (parsed against tritonclient's ModelConfig)")
+    return 0
 
 
 def add_subcommands(subparsers) -> None:
-    p = subparsers.add_parser("export", help="export a model to ONNX / AOTInductor / TensorRT / a Triton repo")
+    p = subparsers.add_parser("export", help="export a model to ONNX / AOTInductor / TensorRT / a Triton repo",
+                              description=__doc__.split("\n\n", 1)[1],
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--format", required=True, choices=FORMATS)
+    p.add_argument("--model", default="default-2d", help="default-2d, default-3d or a .safetensors checkpoint")
+    p.add_argument("--out", required=True, help="output file (.onnx/.pt2/.plan) or repository folder")
+    p.add_argument("--artifact", default="registration", choices=("registration", "features", "metric"))
+    p.add_argument("--extractor", default="seg", choices=("seg", "ae"),
+                   help="bundled feature extractor for --artifact features/metric (default: %(default)s)")
+    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: 19 for 2D, 20 for 3D)")
+    p.add_argument("--target", default="onnxruntime", choices=("onnxruntime", "tensorrt"),
+                   help="ONNX consumer; 'tensorrt' keeps 2D at opset <= 19")
+    p.add_argument("--device", default="cpu", help="AOTInductor target device: cpu or cuda")
+    p.add_argument("--precision", default="fp32", choices=("fp32", "fp16"), help="TensorRT precision")
+    p.add_argument("--timing-cache", default=None, help="TensorRT timing cache file (read and updated)")
+    p.add_argument("--tolerance", type=float, default=None,
+                   help="max abs error allowed vs PyTorch (default 1e-4 fp32, 2e-2 fp16)")
+    p.add_argument("--no-verify", action="store_true", help="skip the comparison with PyTorch (not recommended)")
+    p.add_argument("--name", default=None, help="triton-repo: model name (default deepsim_<kind>_<n>d)")
+    p.add_argument("--max-batch-size", type=int, default=8, help="triton-repo: max_batch_size")
+    p.add_argument("--engine", default=None, help="triton-repo: a built .plan to put in the TensorRT variant")
+    p.add_argument("--overwrite", action="store_true", help="triton-repo: replace existing model folders")
     p.set_defaults(func=_cmd)

@@ -138,13 +138,15 @@ def _write_metadata(onnx_path: str, meta: dict[str, str]) -> None:
 def export_onnx(model: nn.Module | str | os.PathLike, path: str | os.PathLike, *, artifact: str = "registration",
                 opset: int | None = None, target: str = "onnxruntime", eps: float = 1e-6,
                 source_sha256: str | None = None, verify: bool = True, tolerance: float = FP32_TOL,
-                threads: int | None = None) -> OnnxExport:
+                threads: int | None = None, graph: str = "full") -> OnnxExport:
     """Export `model` (nn.Module or .safetensors) as an ONNX `artifact` at `path` (.onnx), verified by ORT.
 
     artifact: "registration" (RegNet), "features" or "metric" (SegNet / AutoEncoder encoder; eps for the metric).
     opset: None -> default_opset(ndim). target: "onnxruntime" or "tensorrt" (2D then needs opset <= 19).
     verify: run ONNX Runtime (CPU) against PyTorch on random and atlas inputs at new sizes; raise ExportError
     when any output's max abs error exceeds `tolerance` (fp32: 1e-4). Returns OnnxExport with the report.
+    graph: "full", or "flow" (registration only: outputs ("flow",), the head output before integration and warp;
+    what a 3D TensorRT engine computes, see deepsim_rt.export.tensorrt).
     """
     t0 = time.perf_counter()
     path = Path(path)
@@ -155,7 +157,7 @@ def export_onnx(model: nn.Module | str | os.PathLike, path: str | os.PathLike, *
     net, sha = load_source(model, artifact, source_sha256)
     cfg: NetConfig = net.cfg
     opset = default_opset(cfg.ndim, target) if opset is None else int(opset)
-    if artifact == "registration" and cfg.ndim == 3 and opset < 20:
+    if artifact == "registration" and cfg.ndim == 3 and opset < 20 and graph == "full":
         raise ValueError(f"a 3D registration model needs opset >= 20 (5D GridSample), got {opset}")
     if artifact == "registration" and cfg.ndim == 2 and target == "tensorrt" and opset >= 20:
         raise ValueError(f"a 2D registration model for TensorRT needs opset <= 19 (its parser turns opset-20 "
@@ -163,14 +165,16 @@ def export_onnx(model: nn.Module | str | os.PathLike, path: str | os.PathLike, *
     if opset < 18:
         raise ValueError(f"the dynamo exporter emits opset >= 18, got {opset}")
 
-    reference = wrap(prepare_reference(net), artifact, eps=eps)
-    module = wrap(prepare_for_export(net), artifact, eps=eps)
+    reference = wrap(prepare_reference(net), artifact, eps=eps, graph=graph)
+    module = wrap(prepare_for_export(net), artifact, eps=eps, graph=graph)
     inputs, outputs = io_names(artifact, len(cfg.enc_channels))
+    if graph == "flow":
+        outputs = ("flow",)
     example = example_inputs(cfg, artifact)
     meta = build_metadata(artifact, cfg, source_sha256=sha, inputs=inputs, outputs=outputs,
                           extra={"opset": opset, "target": target, "eps": eps,
                                  "integrate_steps": cfg.integrate_steps, "padding": cfg.padding,
-                                 "batchnorm": "folded", "tolerance": tolerance})
+                                 "batchnorm": "folded", "tolerance": tolerance, "graph": graph})
     report: list[VerifyReport] = []
 
     def write(tmp: str) -> None:
@@ -188,7 +192,8 @@ def export_onnx(model: nn.Module | str | os.PathLike, path: str | os.PathLike, *
 
             runner = OrtRunner(tmp, device="cpu", threads=threads, expect=artifact)
             cases = verification_cases(cfg, artifact, tuple(example[0].shape[2:]))
-            rep = measure(reference, runner, cases, outputs, artifact=f"{artifact} ONNX (opset {opset})",
+            ref_fn = reference if graph == "full" else (lambda *xs: (reference(*xs),))
+            rep = measure(ref_fn, runner, cases, outputs, artifact=f"{artifact} ONNX (opset {opset})",
                           backend="onnxruntime CPU", tolerance=tolerance)
             rep.check()
             report.append(rep)

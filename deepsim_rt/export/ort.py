@@ -82,6 +82,8 @@ def output_shapes(info: ArtifactInfo, shape: tuple[int, ...]) -> list[tuple[int,
     b, c, *sp = shape
     cfg = info.cfg
     if info.artifact == "registration":
+        if info.extra.get("graph") == "flow":
+            return [(b, cfg.ndim, *sp)]
         return [(b, c, *sp), (b, cfg.ndim, *sp)]
     levels = [tuple(s // 2 ** (lvl + 1) for s in sp) for lvl in range(len(cfg.enc_channels))]
     if info.artifact == "features":

@@ -22,7 +22,7 @@ from torch import nn
 from deepsim_rt.kernels import multilayer_cosine
 from deepsim_rt.nn.config import NetConfig
 
-__all__ = ["RegistrationModule", "FeaturesModule", "MetricModule", "ChannelShift", "fold_batchnorm",
+__all__ = ["RegistrationModule", "FlowModule", "FeaturesModule", "MetricModule", "ChannelShift", "fold_batchnorm",
            "prepare_for_export", "wrap"]
 
 
@@ -128,6 +128,27 @@ class RegistrationModule(nn.Module):
         return warped, displacement
 
 
+class FlowModule(nn.Module):
+    """(moving, fixed) -> flow (B, ndim, *S): the flow head's output BEFORE integration and warping.
+
+    For TensorRT in 3D, which has no 5D GridSample: the engine computes the network, the runtime integrates (when
+    cfg.integrate_steps > 0) and warps with deepsim_rt.kernels (Triton on CUDA). Mirrors RegNet.displacement
+    without its integrate step (RegNet exposes no head-only method; keep the two in sync).
+    """
+
+    def __init__(self, regnet: nn.Module) -> None:
+        super().__init__()
+        _need_kind(regnet, ("reg",))
+        self.net = regnet
+        self.cfg: NetConfig = regnet.cfg
+
+    def forward(self, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
+        self.net.check_input("moving", moving, self.cfg.in_channels)
+        self.net.check_input("fixed", fixed, self.cfg.in_channels)
+        h, _ = self.net.backbone(torch.cat([moving, fixed], dim=1))
+        return self.net.head(h)
+
+
 class FeaturesModule(nn.Module):
     def __init__(self, extractor: nn.Module) -> None:
         super().__init__()
@@ -166,8 +187,14 @@ def _need_kind(model: nn.Module, kinds: tuple[str, ...]) -> None:
                          f"{getattr(cfg, 'kind', None)!r})")
 
 
-def wrap(model: nn.Module, artifact: str, eps: float = 1e-6) -> nn.Module:
-    """The fixed-arity module of `artifact` around `model` (no copy)."""
+def wrap(model: nn.Module, artifact: str, eps: float = 1e-6, graph: str = "full") -> nn.Module:
+    """The fixed-arity module of `artifact` around `model` (no copy). graph="flow": registration head only."""
+    if graph not in ("full", "flow"):
+        raise ValueError(f"graph must be 'full' or 'flow', got {graph!r}")
+    if graph == "flow":
+        if artifact != "registration":
+            raise ValueError(f"graph='flow' exists for the registration artifact only, got {artifact!r}")
+        return FlowModule(model)
     if artifact == "registration":
         return RegistrationModule(model)
     if artifact == "features":
