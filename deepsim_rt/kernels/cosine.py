@@ -105,7 +105,8 @@ def _cos_fwd_level(a_ptr, b_ptr, map_ptr, C, N, sB, sC, sP, tot, local_pid, part
         tl.store(map_ptr + bi.to(tl.int64) * N + offs_p, cos, mask=pmask)
     else:
         # Weight 1 / (B * N_l * L) per partial: the per-level voxel mean, then the equal-weight mean over levels.
-        w = 1.0 / (tot.to(ACC) * n_levels)
+        # tl.cast, not .to(): Triton turns an int argument equal to 1 (a 1-voxel level) into a constexpr.
+        w = 1.0 / (tl.cast(tot, ACC) * n_levels)
         tl.store(part_ptr, tl.sum(tl.where(pmask, cos, 0.0), axis=0) * w)
 
 
@@ -186,7 +187,7 @@ def _cos_bwd_level(a_ptr, b_ptr, ga_ptr, gb_ptr, gm_ptr, C, N, sB, sC, sP, tot, 
     if GRAD_MAP:
         g = tl.load(gm_ptr + bi.to(tl.int64) * N + offs_p, mask=pmask, other=0.0).to(ACC)
     else:
-        g = tl.load(g_ptr).to(ACC) / (tot.to(ACC) * n_levels)
+        g = tl.load(g_ptr).to(ACC) / (tl.cast(tot, ACC) * n_levels)
     g = tl.where(pmask, g, 0.0)
     # d cos / d a = b / (|a| |b|) - cos * a / |a|^2, where the second term exists only while |a|^2 >= eps
     # (clamp_min passes the gradient at equality, as ATen's clamp_min backward does).

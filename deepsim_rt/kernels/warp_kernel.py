@@ -63,7 +63,7 @@ def _rint(x):
 @triton.jit
 def _source_coord(idx, u, n, BORDER: tl.constexpr, COMPUTE: tl.constexpr):
     """Sampling coordinate along one axis and d coord / d u (0 where border padding clamps, else 1)."""
-    nf = (n - 1).to(COMPUTE)
+    nf = tl.cast(n - 1, COMPUTE)  # tl.cast: an int argument equal to 1 arrives as a constexpr
     x = idx.to(COMPUTE) + u
     if BORDER:
         # ATen's clip_coordinates_set_grad: the borders themselves count as outside (gradient 0 at x == 0 and
