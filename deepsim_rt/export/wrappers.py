@@ -132,8 +132,7 @@ class FlowModule(nn.Module):
     """(moving, fixed) -> flow (B, ndim, *S): the flow head's output BEFORE integration and warping.
 
     For TensorRT in 3D, which has no 5D GridSample: the engine computes the network, the runtime integrates (when
-    cfg.integrate_steps > 0) and warps with deepsim_rt.kernels (Triton on CUDA). Mirrors RegNet.displacement
-    without its integrate step (RegNet exposes no head-only method; keep the two in sync).
+    cfg.integrate_steps > 0) and warps with deepsim_rt.kernels (Triton on CUDA). Same code as RegNet.head_flow.
     """
 
     def __init__(self, regnet: nn.Module) -> None:
@@ -143,10 +142,7 @@ class FlowModule(nn.Module):
         self.cfg: NetConfig = regnet.cfg
 
     def forward(self, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
-        self.net.check_input("moving", moving, self.cfg.in_channels)
-        self.net.check_input("fixed", fixed, self.cfg.in_channels)
-        h, _ = self.net.backbone(torch.cat([moving, fixed], dim=1))
-        return self.net.head(h)
+        return self.net.head_flow(moving, fixed)
 
 
 class FeaturesModule(nn.Module):

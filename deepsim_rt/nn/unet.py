@@ -204,15 +204,22 @@ class RegNet(_Base):
         nn.init.normal_(last.weight, mean=0.0, std=1e-5)
         nn.init.zeros_(last.bias)
 
-    def displacement(self, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
-        """(B, C, *S) x2 -> displacement (B, ndim, *S) in voxels, channel i along spatial axis i."""
+    def head_flow(self, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
+        """The flow head's raw output (B, ndim, *S): the displacement, or the velocity when integrate_steps > 0.
+
+        Exported alone for backends without a 3D GridSample (TensorRT), which integrate and warp at run time.
+        """
         self.check_input("moving", moving, self.cfg.in_channels)
         self.check_input("fixed", fixed, self.cfg.in_channels)
         if moving.shape != fixed.shape:
             raise ValueError(f"moving and fixed must have the same shape, got {tuple(moving.shape)} and "
                              f"{tuple(fixed.shape)}")
         h, _ = self.backbone(torch.cat([moving, fixed], dim=1))
-        flow = self.head(h)
+        return self.head(h)
+
+    def displacement(self, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
+        """(B, C, *S) x2 -> displacement (B, ndim, *S) in voxels, channel i along spatial axis i."""
+        flow = self.head_flow(moving, fixed)
         if self.cfg.integrate_steps > 0:
             flow = integrate(flow, steps=self.cfg.integrate_steps, padding=self.cfg.padding)
         return flow
