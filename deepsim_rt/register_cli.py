@@ -27,13 +27,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from deepsim_rt._io import atomic_write
 
 __all__ = ["add_subcommands", "run_register", "read_image", "ImageFile"]
 
@@ -139,19 +140,6 @@ def _label_array(img: ImageFile) -> np.ndarray:
     return data
 
 
-def _atomic(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix if path.suffix != ".gz" else ".nii.gz",
-                               dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _save_nifti_vector(path: Path, vec: np.ndarray, affine: np.ndarray, header: Any) -> None:
     """(*S, ndim) float32 displacement as a NIfTI with the fixed image's affine and header (dims follow data)."""
     import nibabel as nib
@@ -161,7 +149,7 @@ def _save_nifti_vector(path: Path, vec: np.ndarray, affine: np.ndarray, header: 
     img.header.set_data_dtype(np.float32)
     img.header.set_slope_inter(1.0, 0.0)
     img.header["descrip"] = b"deepsim_rt displacement, voxels, last axis=voxel axis i"
-    _atomic(path, lambda tmp: nib.save(img, tmp))
+    atomic_write(path, lambda tmp: nib.save(img, tmp))
 
 
 def _save_png(path: Path, arr: np.ndarray, dtype: Any) -> None:
@@ -174,7 +162,7 @@ def _save_png(path: Path, arr: np.ndarray, dtype: Any) -> None:
         arr = (arr > 0).astype(np.uint8) * 255
     else:
         arr = arr.astype(np.float32)
-    _atomic(path, lambda tmp: Image.fromarray(arr).save(tmp, format="PNG"))
+    atomic_write(path, lambda tmp: Image.fromarray(arr).save(tmp, format="PNG"))
 
 
 def _save_npy(path: Path, arr: np.ndarray) -> None:
@@ -182,7 +170,7 @@ def _save_npy(path: Path, arr: np.ndarray) -> None:
         with open(tmp, "wb") as fh:
             np.save(fh, arr, allow_pickle=False)
 
-    _atomic(path, write)
+    atomic_write(path, write)
 
 
 def run_register(moving: str | os.PathLike, fixed: str | os.PathLike, out: str | os.PathLike,

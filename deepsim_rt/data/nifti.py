@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import csv
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from deepsim_rt._io import atomic_write
 
 __all__ = ["load_nifti", "save_nifti", "NiftiFolderDataset", "NIFTI_SUFFIXES", "normalize_intensity"]
 
@@ -114,15 +115,7 @@ def save_nifti(path: str | os.PathLike, array, affine, header=None) -> Path:
     img = img_cls(array, affine, hdr)
     img.header.set_data_dtype(array.dtype)
     img.header.set_slope_inter(1.0, 0.0)
-    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{_stem(p)}.", suffix=suffix)
-    os.close(fd)
-    try:
-        nib.save(img, tmp)
-        os.replace(tmp, p)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(p, lambda tmp: nib.save(img, tmp))
     return p
 
 

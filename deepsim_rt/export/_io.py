@@ -8,28 +8,14 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from deepsim_rt._io import atomic_write
+
 __all__ = ["atomic_file", "atomic_dir"]
 
 
 def atomic_file(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
-    """write(tmp) on a temporary file beside `path` with the SAME suffix, then rename it over `path`.
-
-    Some writers check the suffix (AOTInductor wants '.pt2'), so the temp name keeps it. On any exception the temp
-    file is removed and `path` is untouched.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
-    os.close(fd)
-    os.unlink(tmp)  # writers that refuse to overwrite get a fresh name
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    """write(tmp) on a temporary file beside `path` with the SAME suffix (AOTInductor wants '.pt2'), then rename."""
+    return atomic_write(path, write)
 
 
 def atomic_dir(path: str | os.PathLike, write: Callable[[Path], None], overwrite: bool = False) -> Path:

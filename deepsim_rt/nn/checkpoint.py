@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -20,30 +19,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from deepsim_rt import __version__
+from deepsim_rt._io import atomic_write
 from deepsim_rt.nn.config import NetConfig
 from deepsim_rt.nn.unet import build_model
 
 FORMAT = "deepsim_rt.model"
 FORMAT_VERSION = "1"
-
-
-def atomic_write(path: str | os.PathLike, write) -> Path:
-    """Call write(tmp_path) on a temp file beside `path`, then rename it over `path`. Returns the final path.
-
-    On any exception the temp file is removed and `path` is left untouched.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
 
 
 def file_sha256(path: str | os.PathLike) -> str:
