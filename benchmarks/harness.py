@@ -280,13 +280,33 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def _profiler_peak(fn: Callable[[], object]) -> int:
+    """Peak bytes of CPU tensor memory allocated during fn: torch.profiler's memory timeline (allocator events,
+    autograd's backward included), maximum over time of the sum over categories."""
+    import json
+    import tempfile
+    import warnings
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as p:
+        fn()
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # export_memory_timeline: deprecated for CUDA snapshots
+        path = os.path.join(tmp, "timeline.json")
+        p.export_memory_timeline(path, device="cpu")
+        with open(path) as f:
+            _, sizes = json.load(f)
+    return int(max((sum(s) for s in sizes), default=0))
+
+
 def peak_memory(fn: Callable[[], object], device: torch.device) -> tuple[int, str]:
     """Peak extra memory of one untimed call of fn: (bytes, method).
 
     CUDA: torch.cuda.max_memory_allocated above the allocated baseline (exact, allocator-level).
-    CPU: the resident set size sampled every 1 ms in a thread, peak minus the level before the call. tracemalloc
-    does not see torch's allocations; RSS does, but also counts allocator caching/fragmentation and can miss a
-    peak shorter than the sampling period: an estimate, labelled as such.
+    CPU: torch.profiler's memory timeline (allocator events of the call, tensors alive before it not counted).
+    tracemalloc does not see torch's allocations; if the profiler route fails, the resident set size sampled every
+    1 ms in a thread (peak minus the level before; glibc keeps freed pages, so it underestimates once warm).
     """
     gc.collect()
     if device.type == "cuda":
@@ -296,6 +316,10 @@ def peak_memory(fn: Callable[[], object], device: torch.device) -> tuple[int, st
         fn()
         torch.cuda.synchronize(device)
         return int(torch.cuda.max_memory_allocated(device) - base), "cuda.max_memory_allocated"
+    try:
+        return _profiler_peak(fn), "torch.profiler memory timeline"
+    except Exception:  # noqa: BLE001 - the profiler API is private-ish; fall back rather than lose the benchmark
+        pass
     base = _rss_bytes()
     peak = [base]
     stop = threading.Event()
@@ -334,11 +358,13 @@ class Bench:
         self.info = info
         self.device = torch.device(info.device)
 
-    def n_sets(self, one_set_bytes: int, max_sets: int = 8) -> int:
-        """Input sets to rotate: 1 when one set already exceeds the last-level cache, else enough for 4x it."""
+    def n_sets(self, one_set_bytes: int, max_sets: int = 32, max_bytes: int = 1 << 30) -> int:
+        """Input sets to rotate: 1 when one set already exceeds the last-level cache, else enough for 4x it
+        (at most `max_sets` sets and `max_bytes` in all)."""
         if one_set_bytes <= 0 or one_set_bytes >= self.info.llc_bytes:
             return 1
-        return int(min(max_sets, -(-4 * self.info.llc_bytes // one_set_bytes)))
+        want = -(-4 * self.info.llc_bytes // one_set_bytes)
+        return int(max(1, min(max_sets, want, max_bytes // one_set_bytes)))
 
     def run(
         self,
@@ -378,16 +404,16 @@ class Bench:
         for s in sets:
             target(*prepare(s))
         sync(dev)
-        est = []
-        for i in range(3):
-            args = prepare(sets[i % n])
+        budget, min_rounds, max_rounds = _budget()
+        budget = budget_s if budget_s is not None else budget
+        est: list[float] = []
+        while len(est) < 3 and sum(est) < 0.5 * budget:  # slow cases (seconds per call) estimate from one call
+            args = prepare(sets[len(est) % n])
             sync(dev)
             t0 = time.perf_counter()
             target(*args)
             sync(dev)
             est.append(time.perf_counter() - t0)
-        budget, min_rounds, max_rounds = _budget()
-        budget = budget_s if budget_s is not None else budget
         per_call = max(min(est), 1e-6)
         rounds = int(max(min_rounds, min(max_rounds, budget // per_call)))
 

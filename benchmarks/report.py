@@ -355,7 +355,8 @@ def write_markdown(machines: dict[str, Machine], out: Path) -> None:
 
 
 def plot(machines: dict[str, Machine], out: Path) -> bool:
-    """One row per machine: kernel speed-ups vs reference (log scale) and inference speed-up vs eager."""
+    """One row per machine: speed-ups (log scale) of the kernels vs reference, of inference backends vs eager and
+    of the training step with the kernels vs reference."""
     try:
         import matplotlib
 
@@ -367,13 +368,15 @@ def plot(machines: dict[str, Machine], out: Path) -> bool:
     ms = sorted(machines.values(), key=lambda m: (m.info.get("device") != "cuda", m.name))
     if not ms:
         return False
-    fig, axes = plt.subplots(len(ms), 2, figsize=(15, 0.5 + 4.5 * len(ms)), squeeze=False)
-    for (ax_k, ax_i), m in zip(axes, ms, strict=True):
-        for ax, kind, base in ((ax_k, "kernels", "reference"), (ax_i, "inference", "eager")):
+    panels = (("kernels", "reference", KERNEL_PROVIDERS), ("inference", "eager", INFER_BACKENDS),
+              ("training", "reference", TRAIN_PROVIDERS))
+    fig, axes = plt.subplots(len(ms), 3, figsize=(18, 0.5 + 4.5 * len(ms)), squeeze=False,
+                             gridspec_kw={"width_ratios": [3, 1.2, 1.2]})
+    for row_axes, m in zip(axes, ms, strict=True):
+        for ax, (kind, base, order) in zip(row_axes, panels, strict=True):
             rows = [r for r in m.rows if r.kind == kind]
             cases = sorted({r.case for r in rows})
-            provs = [p for p in (KERNEL_PROVIDERS if kind == "kernels" else INFER_BACKENDS)
-                     if p != base and any(r.provider == p for r in rows)]
+            provs = [p for p in order if p != base and any(r.provider == p for r in rows)]
             width = 0.8 / max(len(provs), 1)
             for j, p in enumerate(provs):
                 xs, ys = [], []

@@ -69,5 +69,5 @@ INFER_SIZES: dict[str, dict[int, tuple[tuple[int, ...], ...]]] = {
 # Training step of the registration net: (preset, batch, spatial) per ndim.
 TRAIN_SIZES: dict[str, dict[int, tuple[str, int, tuple[int, ...]]]] = {
     "cuda": {2: ("paper", 8, (256, 256)), 3: ("paper", 1, (160, 192, 224))},
-    "cpu": {2: ("small", 2, (96, 80)), 3: ("small", 1, (40, 48, 40))},
+    "cpu": {2: ("small", 2, (96, 80)), 3: ("small", 1, (32, 32, 32))},
 }
