@@ -251,7 +251,7 @@ class StudyConfig:
     out: str = field(default="runs/study", metadata={"help": "output folder"})
     losses: str = field(default=",".join(STUDY_LOSSES), metadata={"help": "comma-separated losses to train"})
     preset: str = field(default="small", metadata={"help": "network preset (full: paper)"})
-    feature_steps: int = field(default=600, metadata={"help": "steps per feature extractor"})
+    feature_steps: int = field(default=400, metadata={"help": "steps per feature extractor"})
     reg_steps: int = field(default=600, metadata={"help": "steps per registration net"})
     batch_size: int = field(default=8, metadata={"help": "global batch size"})
     lr: float = field(default=1e-3, metadata={"help": "Adam learning rate (CPU preset 1e-3; paper and --full 1e-4)"})
@@ -266,8 +266,8 @@ class StudyConfig:
     seed: int = field(default=0, metadata={"help": "seed"})
     full: bool = field(default=False, metadata={"help": "paper sizes: preset paper, lr 1e-4, 20000/20000 steps"})
     progress: bool = field(default=True, metadata={"help": "progress bars"})
-    threads: int = field(default=0, metadata={"help": "torch CPU threads (0: torch's default; 1 is fastest on a busy "
-                                                      "2-core machine)"})
+    threads: int = field(default=1, metadata={"help": "torch CPU threads per training (0: torch's default; 1 was "
+                                                      "fastest on the shared 2-core machine)"})
 
     def __post_init__(self) -> None:
         if self.full:
@@ -301,6 +301,7 @@ def run_study(cfg: StudyConfig) -> dict:
     from deepsim_rt.train.features import train_features
     from deepsim_rt.train.registration import train_registration
 
+    t_start = time.perf_counter()
     out = Path(cfg.out)
     source = open_source(cfg.data)
     losses = cfg.loss_list
@@ -335,6 +336,7 @@ def run_study(cfg: StudyConfig) -> dict:
     max_pairs = cfg.eval_pairs or None
     t0 = time.perf_counter()
     rows["none"] = evaluate_pairs(source, None, "test", max_pairs)
+    timings["evaluate-none"] = time.perf_counter() - t0
     lambdas: dict[str, float] = {}
     sweep_log: dict[str, dict[str, float]] = {}
     models: dict[str, str] = {}
@@ -357,9 +359,11 @@ def run_study(cfg: StudyConfig) -> dict:
             if best is None or val_dice > best[0]:
                 best = (val_dice, lam, summary["model"])
         _, lambdas[loss], models[loss] = best
+        t1 = time.perf_counter()
         rows[loss] = evaluate_model(models[loss], source, "test", max_pairs)
+        timings[f"evaluate-{loss}"] = time.perf_counter() - t1
         _say(f"[study] {loss}: lambda {lambdas[loss]:g}, test Dice fg {summarize(rows[loss])['dice_fg']:.4f}")
-    timings["evaluation+reg"] = time.perf_counter() - t0
+    timings["total"] = time.perf_counter() - t_start
     pvalues = wilcoxon_vs(rows)
     extra = {"lambdas": lambdas, "lambda_sweep_val_dice": sweep_log, "skipped": skipped, "models": models,
              "extractors": extractors, "timings_s": timings, "config": dataclasses.asdict(cfg)}

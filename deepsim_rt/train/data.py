@@ -117,8 +117,8 @@ def _synthetic(name: str) -> DataSource:
 def _nifti(path: Path) -> DataSource:
     """A folder with images/ and labels/ holding NIfTI files of the same names (3D, or 2D as X x Y x 1).
 
-    Splits are by sorted file name: the last 20 % (at least 1) are test, the 10 % before them (at least 1) val,
-    the rest train. Evaluation pairs: every ordered pair of test subjects (at most 64, seeded choice).
+    Splits are by sorted file name: the last 20 % (at least 2) are test, the 10 % before them (at least 2) val,
+    the rest (at least 2) train. Evaluation pairs: every ordered pair of test subjects (at most 64, seeded choice).
     """
     from deepsim_rt.data.nifti import load_nifti
 
@@ -126,8 +126,11 @@ def _nifti(path: Path) -> DataSource:
     if not img_dir.is_dir() or not lab_dir.is_dir():
         raise ValueError(f"a NIfTI data folder needs images/ and labels/ subfolders, got {str(path)!r}")
     names = sorted(p.name for p in img_dir.iterdir() if p.name.endswith((".nii", ".nii.gz")))
-    if len(names) < 4:
-        raise ValueError(f"need at least 4 NIfTI images in {str(img_dir)!r} (train/val/test), got {len(names)}")
+    n_test = max(2, len(names) // 5)
+    n_val = max(2, len(names) // 10)
+    if len(names) < n_test + n_val + 2:
+        raise ValueError(f"need at least 6 NIfTI images in {str(img_dir)!r} (2 train, 2 val, 2 test), got "
+                         f"{len(names)}")
     missing = [n for n in names if not (lab_dir / n).is_file()]
     if missing:
         raise ValueError(f"label maps missing in {str(lab_dir)!r} for {missing[:3]}")
@@ -151,8 +154,6 @@ def _nifti(path: Path) -> DataSource:
             cache[n] = read(n)
         return cache[n]
 
-    n_test = max(1, len(names) // 5)
-    n_val = max(1, len(names) // 10)
     split_names = {"test": names[-n_test:], "val": names[-n_test - n_val:-n_test], "train": names[:-n_test - n_val]}
     first_img, _ = load(names[0])
     shape = tuple(first_img.shape[1:])
@@ -167,7 +168,7 @@ def _nifti(path: Path) -> DataSource:
         allp = [(m, f) for m in range(n) for f in range(n) if m != f]
         if len(allp) > 64:
             allp = [allp[k] for k in sorted(rng.choice(len(allp), 64, replace=False))]
-        return allp or [(0, 0)]
+        return allp
 
     pairs = {"train": [], "val": pair_list(len(split_names["val"])), "test": pair_list(len(split_names["test"]))}
     return DataSource(name=str(path), ndim=len(shape), shape=shape,
