@@ -245,7 +245,8 @@ def wilcoxon_vs(rows_by_method: dict[str, list[dict]], reference: str = "deepsim
 class StudyConfig:
     """The loss study. The CPU default (small nets, 2D, short runs, Adam lr 1e-3 instead of the paper's 1e-4 so
     that a few hundred steps converge) finishes in minutes; `full=True` switches to the paper's network widths,
-    lr 1e-4 and long runs (GPU-sized)."""
+    lr 1e-4 and long runs (GPU-sized). Every training resumes from OUT when its checkpoint exists, so an
+    interrupted study re-run with the same command continues where it stopped (finished runs are reused)."""
 
     data: str = field(default="default-2d", metadata={"help": "synthetic preset or NIfTI folder"})
     out: str = field(default="runs/study", metadata={"help": "output folder"})

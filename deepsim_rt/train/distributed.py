@@ -79,11 +79,17 @@ class _AnyDeviceSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
             return super().forward(x)
+        import warnings
+
         from torch.distributed.nn.functional import all_reduce
 
         dims = [0, *range(2, x.dim())]
         count = torch.full((1,), float(x.numel() // x.shape[1]), dtype=x.dtype, device=x.device)
-        stats = all_reduce(torch.cat([x.sum(dims), (x * x).sum(dims), count]))
+        with warnings.catch_warnings():
+            # torch >= 2.6 marks it deprecated in favour of _functional_collectives, whose autograd support on
+            # gloo is not public API; this one has a documented backward (all-reduce of the gradients).
+            warnings.simplefilter("ignore", FutureWarning)
+            stats = all_reduce(torch.cat([x.sum(dims), (x * x).sum(dims), count]))
         c = x.shape[1]
         n = stats[-1]
         mean = stats[:c] / n
