@@ -9,9 +9,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from benchmarks.harness import Bench, bench_device, session_info
+from benchmarks.harness import Bench, apply_threads, bench_device, session_info
 
 HAS_CUDA = torch.cuda.is_available()
+
+
+def pytest_configure(config):
+    apply_threads()  # BENCH_THREADS, before anything compiles (Inductor's C++ bakes the thread count in)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -38,6 +38,8 @@ __all__ = [
     "SessionInfo",
     "session_info",
     "bench_device",
+    "bench_threads",
+    "apply_threads",
     "measure_copy_bandwidth",
     "Bench",
     "sync",
@@ -61,6 +63,29 @@ def bench_device() -> torch.device:
     if want == "cuda" or torch.cuda.is_available():
         return torch.device("cuda")
     return torch.device("cpu")
+
+
+def bench_threads() -> int | None:
+    """BENCH_THREADS=n pins torch's intra-op threads (and ONNX Runtime's) to n; unset = the libraries' defaults.
+
+    Why it exists: on a shared machine, torch's OpenMP pool with one thread per core stalls whenever another
+    process holds a core (seen here, 2 cores + two niced training jobs: the 2D registration forward took 700 ms
+    with 2 threads and 24 ms with 1). The thread count is part of the machine label, so runs with different
+    counts are reported separately, never merged.
+    """
+    text = os.environ.get("BENCH_THREADS", "").strip()
+    if not text:
+        return None
+    n = int(text)
+    if n < 1:
+        raise ValueError(f"BENCH_THREADS must be a positive int, got {text!r}")
+    return n
+
+
+def apply_threads() -> None:
+    n = bench_threads()
+    if n is not None and torch.get_num_threads() != n:
+        torch.set_num_threads(n)
 
 
 def cpu_name() -> str:
@@ -183,8 +208,10 @@ def session_info(device: str | None = None) -> SessionInfo:
         name = torch.cuda.get_device_name(dev)
         machine = name
     else:
+        apply_threads()
         name = cpu.rsplit(" (", 1)[0]
-        machine = cpu
+        t = torch.get_num_threads()
+        machine = f"{cpu}, torch {t} thread{'s' if t > 1 else ''}"
     copy_bytes = (1 << 30) if dev.type == "cuda" else (256 << 20)
     gbps = measure_copy_bandwidth(dev, copy_bytes)
     versions = {

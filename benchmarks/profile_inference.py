@@ -87,13 +87,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     size = tuple(args.size) if args.size else ((80, 96, 80) if args.ndim == 3 else (192, 160))
     from deepsim_rt.runtime import Registrator, pad_to_multiple
 
     model, desc = model_source(args.ndim)
     CACHE.mkdir(parents=True, exist_ok=True)
     eager = Registrator.load(model, backend="eager", device="cpu")
-    onnx = Registrator.load(model, backend="onnxruntime", device="cpu", cache_dir=CACHE, verify=False)
+    onnx = Registrator.load(model, backend="onnxruntime", device="cpu", cache_dir=CACHE, verify=False,
+                            threads=args.threads)
     g = torch.Generator().manual_seed(0)
     mov = pad_to_multiple(torch.rand((1, 1, *size), generator=g), eager.cfg.spatial_multiple)[0]
     fix = pad_to_multiple(torch.rand((1, 1, *size), generator=g), eager.cfg.spatial_multiple)[0]

@@ -396,8 +396,9 @@ def plot(machines: dict[str, Machine], out: Path) -> bool:
             ax.set_title(f"{m.name}: {kind}", fontsize=9)
             if provs:
                 ax.legend(fontsize=7)
-            if not cases:
-                ax.text(0.5, 0.5, "no results", ha="center", va="center", transform=ax.transAxes)
+            if not cases or not provs:
+                msg = "no results" if not cases else f"only the baseline ({base}) ran here"
+                ax.text(0.5, 0.5, msg, ha="center", va="center", transform=ax.transAxes)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks.harness import bench_device, shape_str
+from benchmarks.harness import bench_device, bench_threads, shape_str
 from benchmarks.shapes import INFER_SIZES
 
 DEV = bench_device()
@@ -84,7 +84,8 @@ def _load(model: str, backend: str, device: torch.device):
         pytest.skip(f"deepsim_rt.runtime is not importable: {exc}")
     CACHE.mkdir(parents=True, exist_ok=True)
     try:
-        return Registrator.load(model, backend=backend, device=device, cache_dir=CACHE, verify=False)
+        return Registrator.load(model, backend=backend, device=device, cache_dir=CACHE, verify=False,
+                                threads=bench_threads())
     except (ImportError, NotImplementedError) as exc:
         pytest.skip(f"backend {backend!r} unavailable: {type(exc).__name__}: {exc}")
 
@@ -124,7 +125,8 @@ def test_register(bench, nd, spatial, backend):
         return reg.register(mov, fix)
 
     flops = _flops(reg, m0, f0) if backend == "eager" else None
-    extra = {"model": desc, "backend_device": dev.type, "setup_s": round(setup_s, 2), "source": reg.source}
+    extra = {"model": desc, "backend_device": dev.type, "setup_s": round(setup_s, 2), "source": reg.source,
+             "threads": bench_threads() or "default"}
     if backend == "onnxruntime":
         sess = getattr(reg.backend, "session", None)
         if sess is not None:
