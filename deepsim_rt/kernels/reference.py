@@ -194,10 +194,11 @@ def warp(image: torch.Tensor, flow: torch.Tensor, mode: str = "linear", padding:
     check_finite("flow", flow)
     if image.is_floating_point():
         check_finite("image", image)
-    grid = _sampling_grid(flow)
-    src = image if image.is_floating_point() else image.to(flow.dtype)
-    if src.dtype != grid.dtype:
-        src = src.to(grid.dtype)
+    # Coordinates need fp32 at least: in bf16 an index of 200 is only representable to +-1 voxel, and fp16 cannot
+    # hold 2048. Half-precision inputs are therefore sampled in fp32 and the result rounded once to image.dtype.
+    compute = flow.dtype if flow.dtype in (torch.float32, torch.float64) else torch.float32
+    grid = _sampling_grid(flow.to(compute))
+    src = image.to(compute) if image.dtype != compute else image
     out = F.grid_sample(src, grid, mode="bilinear" if mode == "linear" else "nearest", padding_mode=padding,
                         align_corners=True)
     return out.to(image.dtype) if out.dtype != image.dtype else out
