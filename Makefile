@@ -30,6 +30,9 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(PY) -m pytest -m "slow and not gpu" $(PYTEST_ARGS)
 
+# One torch/ORT thread per process by default: on 2 shared cores torch's OpenMP pool stalls whenever another
+# process holds a core (2D forward: 704 ms with 2 threads vs 24 ms with 1, back to back). Override: BENCH_THREADS=2.
+bench: export BENCH_THREADS ?= 1
 bench: $(STAMP)
 	$(PY) -m pytest benchmarks -m "not gpu" --benchmark-only --benchmark-json=benchmarks/results/cpu.json $(PYTEST_ARGS)
 	$(PY) benchmarks/report.py
