@@ -150,7 +150,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         print(f"{nd}D  {s['data']} ({'x'.join(map(str, s['shape']))}), {s['pairs']} held-out test pairs, model "
               f"{s['model']} [{s['backend']}, cpu]")
         print(f"    Dice (foreground mean)  before {s['dice_fg_before']:.3f}  after {s['dice_fg_after']:.3f}  "
-              f"(+{s['dice_fg_after'] - s['dice_fg_before']:.3f})")
+              f"({s['dice_fg_after'] - s['dice_fg_before']:+.3f})")
         print(f"    Dice (paper, all cls)   before {s['dice_paper_before']:.3f}  after {s['dice_paper_after']:.3f}")
         print(f"    folding (det J <= 0)    before {s['folding_pct_before']:.3f} %  after "
               f"{s['folding_pct_after']:.3f} %")
