@@ -13,12 +13,14 @@ KINDS = ("seg", "ae", "reg")
 
 # Channel widths per preset and dimensionality: (encoder stages, decoder stages, head width).
 # "paper": PAPER_NOTES (encoder 64/128/256 in 2D, 32/64/128 in 3D; the decoder mirrors the encoder).
-# "small": what the bundled weights use, trainable on 2 CPU cores in minutes. "tiny": unit tests.
+# "small": what the bundled weights use, trainable on 2 CPU cores in minutes. In 3D it is 16/32/64, not 8/16/32:
+# ATen sends 8-channel 3x3x3 convolutions at batch 1 to its slow im2col path (slow_conv3d) instead of oneDNN
+# (benchmarks/RESULTS.md), so the narrower net was both weaker and not faster. "tiny": unit tests.
 _WIDTHS = {
     ("paper", 2): ((64, 128, 256), (256, 128, 64), 64),
     ("paper", 3): ((32, 64, 128), (128, 64, 32), 32),
     ("small", 2): ((16, 32, 64), (64, 32, 16), 16),
-    ("small", 3): ((8, 16, 32), (32, 16, 8), 8),
+    ("small", 3): ((16, 32, 64), (64, 32, 16), 16),
     ("tiny", 2): ((4, 8, 8), (8, 8, 4), 4),
     ("tiny", 3): ((4, 4, 8), (8, 4, 4), 4),
 }
