@@ -179,7 +179,7 @@ def test_vgg_requires_weights_or_explicit_random_init(tmp_path):
         VGGFeatures()
     with pytest.raises(ValueError, match="not both"):
         VGGFeatures(tmp_path / "x.safetensors", random_init=True)
-    with pytest.raises(FileNotFoundError, match="not found"):
+    with pytest.raises(ValueError, match="not found"):
         VGGFeatures(tmp_path / "missing.safetensors")
 
 

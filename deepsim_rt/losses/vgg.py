@@ -69,10 +69,13 @@ class VGGFeatures(nn.Module):
             self.load_weights(weights_path)
 
     def load_weights(self, path: str | Path) -> None:
-        """Load conv weights from `path` (strict key/shape check, no pickle). Raises FileNotFoundError / ValueError."""
+        """Load conv weights from `path` (strict key/shape check, no pickle).
+
+        Raises ValueError for a missing, corrupt or mismatched file (the CLI reports ValueError as one clear line).
+        """
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"VGG16 weights file not found: {path}")
+            raise ValueError(f"VGG16 weights file not found: {path}")
         suffix = path.suffix.lower()
         try:
             if suffix == ".safetensors":
