@@ -72,3 +72,16 @@ def check_finite(name: str, x: torch.Tensor) -> None:
 def check_same_device(names: tuple[str, str], a: torch.Tensor, b: torch.Tensor) -> None:
     if a.device != b.device:
         raise ValueError(f"{names[0]} and {names[1]} must be on the same device, got {a.device} and {b.device}")
+
+
+def check_displacement(name: str, u: object) -> int:
+    """u must be a float (B, ndim, *spatial) field, ndim in (2, 3), channels == ndim, no NaN; returns ndim."""
+    check_tensor(name, u)
+    nsp = check_spatial_ndim(name, u)
+    check_float(name, u)
+    if u.shape[1] != nsp:
+        raise ValueError(f"{name} must have {nsp} channels (one per spatial axis of a {nsp}D field), got "
+                         f"{u.shape[1]} (shape {tuple(u.shape)})")
+    check_not_empty(name, u)
+    check_finite(name, u)
+    return nsp

@@ -34,8 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+def run(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> int:
+    """Parse argv and call the chosen subcommand; shared by every entry point (torchrun uses train.cli.main)."""
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
@@ -43,6 +43,10 @@ def main(argv: list[str] | None = None) -> int:
         # Bad input is reported as one clear line (the ValueError names expected vs got), exit code 2.
         print(f"deepsim-rt {args.command}: error: {exc}", file=sys.stderr)
         return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(build_parser(), argv)
 
 
 if __name__ == "__main__":

@@ -10,8 +10,7 @@ from __future__ import annotations
 import torch
 
 from deepsim_rt._checks import (
-    check_finite,
-    check_float,
+    check_displacement,
     check_not_empty,
     check_same_device,
     check_spatial_ndim,
@@ -102,18 +101,6 @@ def dice_foreground(pred: torch.Tensor, true: torch.Tensor, n_classes: int, back
 # ----------------------------------------------------------------------------------------------------------------
 # Jacobian
 # ----------------------------------------------------------------------------------------------------------------
-def _check_field(name: str, u: object) -> int:
-    check_tensor(name, u)
-    nsp = check_spatial_ndim(name, u)
-    check_float(name, u)
-    if u.shape[1] != nsp:
-        raise ValueError(f"{name} must have {nsp} channels (one per spatial axis of a {nsp}D field), got "
-                         f"{u.shape[1]} (shape {tuple(u.shape)})")
-    check_not_empty(name, u)
-    check_finite(name, u)
-    return nsp
-
-
 def jacobian_determinant(u: torch.Tensor) -> torch.Tensor:
     """det(d phi / d x) of phi = id + u at every voxel, (B, ndim, *S) -> (B, *S).
 
@@ -121,7 +108,7 @@ def jacobian_determinant(u: torch.Tensor) -> torch.Tensor:
     boundary slices (torch.gradient, unit spacing = voxel units). Exact for affine maps. Every spatial size must be
     >= 2. Computed in fp64 for fp64 input, else fp32.
     """
-    nsp = _check_field("u", u)
+    nsp = check_displacement("u", u)
     if min(u.shape[2:]) < 2:
         raise ValueError(f"jacobian_determinant needs every spatial size >= 2, got {tuple(u.shape[2:])}")
     x = u.double() if u.dtype == torch.float64 else u.float()
@@ -164,8 +151,8 @@ def endpoint_error(u: torch.Tensor, u_true: torch.Tensor, mask: torch.Tensor | N
     u, u_true: (B, ndim, *S) displacements, same convention. mask: optional bool / 0-1 tensor (B, 1, *S).
     Returns (B,) float64; NaN for a batch element whose mask is empty.
     """
-    _check_field("u", u)
-    _check_field("u_true", u_true)
+    check_displacement("u", u)
+    check_displacement("u_true", u_true)
     if u.shape != u_true.shape:
         raise ValueError(f"u and u_true must have the same shape (B, ndim, *S), got {tuple(u.shape)} and "
                          f"{tuple(u_true.shape)}")

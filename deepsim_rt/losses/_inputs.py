@@ -35,19 +35,6 @@ def check_image_pair(names: tuple[str, str], a: object, b: object) -> int:
     return nsp
 
 
-def check_displacement(name: str, u: object) -> int:
-    """u must be a float (B, ndim, *spatial) field, ndim in (2, 3), channels == ndim, no NaN; returns ndim."""
-    check_tensor(name, u)
-    nsp = check_spatial_ndim(name, u)
-    check_float(name, u)
-    if u.shape[1] != nsp:
-        raise ValueError(f"{name} must have {nsp} channels (one per spatial axis of a {nsp}D field), got "
-                         f"{u.shape[1]} (shape {tuple(u.shape)})")
-    check_not_empty(name, u)
-    check_finite(name, u)
-    return nsp
-
-
 def acc_dtype(x: torch.Tensor) -> torch.dtype:
     """Accumulation dtype: fp64 stays fp64, everything else is computed in fp32 (fp16 sums of 729 voxels overflow
     precision long before they overflow range)."""

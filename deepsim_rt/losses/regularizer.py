@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from deepsim_rt.losses._inputs import acc_dtype, check_displacement
+from deepsim_rt._checks import check_displacement
+from deepsim_rt.losses._inputs import acc_dtype
 
 __all__ = ["diffusion_regularizer"]
 

@@ -10,6 +10,7 @@ import json
 import sys
 import typing
 
+from deepsim_rt.cli import run
 from deepsim_rt.train.config import FeatureTrainConfig, RegistrationTrainConfig
 
 __all__ = ["add_subcommands", "add_dataclass_arguments", "config_from_args", "main"]
@@ -91,12 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="deepsim-rt")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     add_subcommands(sub)
-    args = parser.parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except ValueError as exc:
-        print(f"deepsim-rt {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+    return run(parser, argv)
 
 
 if __name__ == "__main__":
