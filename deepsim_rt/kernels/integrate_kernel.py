@@ -17,28 +17,11 @@ from __future__ import annotations
 
 import torch
 
-from deepsim_rt._checks import PADDINGS, check_choice, check_float, check_spatial_ndim
 from deepsim_rt.kernels._triton_common import acc_dtype, check_launch_device
-from deepsim_rt.kernels.reference import DEFAULT_STEPS
+from deepsim_rt.kernels.reference import DEFAULT_STEPS, check_integrate_inputs
 from deepsim_rt.kernels.warp_kernel import warp_bwd, warp_fwd
 
 __all__ = ["integrate_fwd", "integrate_bwd", "IntegrateFunction", "integrate", "check_integrate_inputs"]
-
-
-def check_integrate_inputs(velocity: torch.Tensor, steps: int, padding: str) -> int:
-    """The reference's argument rules (velocity (B, ndim, *S) float, steps int >= 0, padding); returns ndim."""
-    check_float("velocity", velocity)
-    nsp = check_spatial_ndim("velocity", velocity)
-    if velocity.shape[1] != nsp:
-        raise ValueError(f"velocity must have {nsp} channels for a {nsp}D field, got {velocity.shape[1]}")
-    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
-        raise ValueError(f"steps must be a non-negative int, got {steps!r}")
-    check_choice("padding", padding, PADDINGS)
-    if velocity.numel() == 0:
-        raise ValueError(f"velocity must not be empty, got shape {tuple(velocity.shape)}")
-    if min(velocity.shape[2:]) < 2:
-        raise ValueError(f"every spatial size must be >= 2 to integrate, got {tuple(velocity.shape[2:])}")
-    return nsp
 
 
 def _trajectory(velocity: torch.Tensor, steps: int, padding: str, keep: bool):

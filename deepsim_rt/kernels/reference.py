@@ -39,6 +39,7 @@ __all__ = [
     "identity_grid",
     "check_cosine_inputs",
     "check_warp_inputs",
+    "check_integrate_inputs",
 ]
 
 DEFAULT_EPS = 1e-6
@@ -204,6 +205,23 @@ def warp(image: torch.Tensor, flow: torch.Tensor, mode: str = "linear", padding:
     return out.to(image.dtype) if out.dtype != image.dtype else out
 
 
+def check_integrate_inputs(velocity: torch.Tensor, steps: int, padding: str) -> int:
+    """Validate `integrate` arguments (shared by the reference and the Triton launcher): velocity
+    (B, ndim, *S) float, steps int >= 0, a known padding; returns ndim."""
+    check_float("velocity", velocity)
+    nsp = check_spatial_ndim("velocity", velocity)
+    if velocity.shape[1] != nsp:
+        raise ValueError(f"velocity must have {nsp} channels for a {nsp}D field, got {velocity.shape[1]}")
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
+        raise ValueError(f"steps must be a non-negative int, got {steps!r}")
+    check_choice("padding", padding, PADDINGS)
+    if velocity.numel() == 0:
+        raise ValueError(f"velocity must not be empty, got shape {tuple(velocity.shape)}")
+    if min(velocity.shape[2:]) < 2:
+        raise ValueError(f"every spatial size must be >= 2 to integrate, got {tuple(velocity.shape[2:])}")
+    return nsp
+
+
 def integrate(velocity: torch.Tensor, steps: int = DEFAULT_STEPS, padding: str = "border") -> torch.Tensor:
     """Scaling and squaring: displacement of exp(v) for a stationary velocity field v.
 
@@ -213,13 +231,7 @@ def integrate(velocity: torch.Tensor, steps: int = DEFAULT_STEPS, padding: str =
     Args: velocity (B, ndim, *spatial) float, voxel units; steps >= 0 (0 returns v unchanged).
     Returns (B, ndim, *spatial).
     """
-    check_float("velocity", velocity)
-    nsp = check_spatial_ndim("velocity", velocity)
-    if velocity.shape[1] != nsp:
-        raise ValueError(f"velocity must have {nsp} channels for a {nsp}D field, got {velocity.shape[1]}")
-    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
-        raise ValueError(f"steps must be a non-negative int, got {steps!r}")
-    check_choice("padding", padding, PADDINGS)
+    check_integrate_inputs(velocity, steps, padding)
     # Checked here, not only inside warp: steps=0 never calls warp, and the message should name `velocity`.
     check_finite("velocity", velocity)
     u = velocity / (2.0**steps)
