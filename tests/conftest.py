@@ -28,3 +28,16 @@ def pytest_collection_modifyitems(config, items):
 def rng() -> torch.Generator:
     """A seeded CPU generator: every test draws fresh, reproducible random inputs."""
     return torch.Generator().manual_seed(1234)
+
+
+@pytest.fixture
+def run_cli(capsys):
+    """Run the real `deepsim-rt` entry point in-process: run_cli("train-features", ...) -> (exit code, output)."""
+    from deepsim_rt import cli
+
+    def run(*argv: str) -> tuple[int, str]:
+        code = cli.main(list(argv))
+        cap = capsys.readouterr()
+        return code, cap.out + cap.err
+
+    return run

@@ -4,22 +4,7 @@ from __future__ import annotations
 
 import json
 
-import pytest
-
-import deepsim_rt.cli as cli
 from deepsim_rt.demo import DemoConfig
-
-
-@pytest.fixture
-def run_cli(monkeypatch, capsys):
-    monkeypatch.setattr(cli, "SUBCOMMAND_MODULES", ("deepsim_rt.train.cli", "deepsim_rt.demo"))
-
-    def run(*argv: str) -> tuple[int, str]:
-        code = cli.main(list(argv))
-        cap = capsys.readouterr()
-        return code, cap.out + cap.err
-
-    return run
 
 
 def test_demo_runs_end_to_end_on_tiny_presets(run_cli, tmp_path):

@@ -8,7 +8,6 @@ import json
 import pytest
 import torch
 
-import deepsim_rt.cli as cli
 from deepsim_rt.evaluate.metrics import dice_foreground, dice_paper
 from deepsim_rt.evaluate.study import evaluate_model, evaluate_pairs, model_register_fn, summarize
 from deepsim_rt.nn import NetConfig, build_model, save_model
@@ -19,17 +18,6 @@ from deepsim_rt.train.data import open_source
 def source():
     return open_source("tiny-2d")
 
-
-@pytest.fixture
-def run_cli(monkeypatch, capsys):
-    monkeypatch.setattr(cli, "SUBCOMMAND_MODULES", ("deepsim_rt.train.cli", "deepsim_rt.evaluate.cli"))
-
-    def run(*argv: str) -> tuple[int, str]:
-        code = cli.main(list(argv))
-        cap = capsys.readouterr()
-        return code, cap.out + cap.err
-
-    return run
 
 
 def _identity_regnet(ndim: int) -> torch.nn.Module:

@@ -9,7 +9,6 @@ import json
 import pytest
 import torch
 
-import deepsim_rt.cli as cli
 from deepsim_rt.nn import load_model
 from deepsim_rt.train import (
     FeatureTrainConfig,
@@ -24,18 +23,6 @@ from deepsim_rt.train.registration import RegistrationJob
 
 TINY = dict(data="tiny-2d", preset="tiny", batch_size=4, lr=1e-3, progress=False, val_items=2)
 
-
-@pytest.fixture
-def run_cli(monkeypatch, capsys):
-    """deepsim-rt main() restricted to the subcommands under test (other layers' modules are not needed here)."""
-    monkeypatch.setattr(cli, "SUBCOMMAND_MODULES", ("deepsim_rt.train.cli", "deepsim_rt.evaluate.cli"))
-
-    def run(*argv: str) -> tuple[int, str]:
-        code = cli.main(list(argv))
-        cap = capsys.readouterr()
-        return code, cap.out + cap.err
-
-    return run
 
 
 @pytest.fixture(scope="module")
