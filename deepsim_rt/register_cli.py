@@ -12,8 +12,10 @@ the model expects):
   PNG / NPY: 2D only (PNG greyscale, 8 or 16 bit; colour PNGs are converted to luminance; label PNGs keep their
       palette indices). NPY: a 2D or 3D numeric array.
   Without --model, the bundled model matching the data's dimensionality is used.
-Outputs in DIR (created if needed), each written to a temporary file and renamed; nothing is written until every
-input has been read and checked and the registration has run:
+Outputs in DIR (created if needed), all or nothing: nothing is written until every input has been read and
+checked and the registration has run; then every file is written into a temporary folder inside DIR and the set is
+moved into place together (summary.json last). Existing outputs are refused unless --overwrite; an input file is
+never overwritten, even with --overwrite. A failed write leaves nothing new behind.
   NIfTI inputs -> warped.nii.gz, displacement.nii.gz, warped_labels.nii.gz (with --labels); all with the FIXED
       image's affine and header. displacement.nii.gz is 4D (X, Y, Z, 3) (2D: (X, Y, 2)), float32, the vector on
       the LAST axis: component i is the displacement along voxel axis i in VOXELS (not mm),
@@ -21,14 +23,20 @@ input has been read and checked and the registration has run:
   PNG inputs -> warped.png (the input's bit depth, rounded and clipped), displacement.npy, warped_labels.png.
   NPY inputs -> warped.npy, displacement.npy, warped_labels.npy.
   displacement.npy is (*S, ndim), vector on the last axis, voxels, as the NIfTI.
+  summary.json: inputs, model, backend, device, timings (s), QC figures and warnings.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import os
+import shutil
+import tempfile
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +44,8 @@ import numpy as np
 
 from deepsim_rt._io import atomic_write
 
-__all__ = ["add_subcommands", "run_register", "read_image", "ImageFile"]
+__all__ = ["add_subcommands", "run_register", "read_image", "ImageFile", "Pair", "PairResult", "read_pair",
+           "default_model", "load_registrator", "register_pair", "commit_outputs", "commit_files"]
 
 _NIFTI = (".nii.gz", ".nii")
 _AFFINE_ATOL_MM = 1e-3  # affines agreeing to a micrometre describe the same grid (float32 header round-off ~1e-5)
@@ -173,12 +182,47 @@ def _save_npy(path: Path, arr: np.ndarray) -> None:
     atomic_write(path, write)
 
 
-def run_register(moving: str | os.PathLike, fixed: str | os.PathLike, out: str | os.PathLike,
-                 labels: str | os.PathLike | None = None, model: str | None = None, backend: str = "auto",
-                 device: str = "auto") -> dict[str, Any]:
-    """Register files; returns {"outputs": [paths], "backend", "seconds", "shape", "max_displacement"}."""
-    from deepsim_rt.runtime import Registrator
+# ----------------------------------------------------------------------------------------------------------------
+# One pair: read -> register -> collect outputs (in memory) -> commit (temp folder, moved into place together)
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass
+class Pair:
+    """One pair's inputs, read and checked; `notes` are said to the user and land in summary.json."""
 
+    moving: ImageFile
+    fixed: ImageFile
+    labels: ImageFile | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def data_ndim(self) -> int:
+        """Dimensionality of the data: 2 for 2D arrays and single-slice (X, Y, 1) NIfTI volumes, else 3."""
+        shape = self.moving.disk_shape
+        return 2 if len(shape) == 2 or (self.moving.kind == "nifti" and shape[-1] == 1) else len(shape)
+
+    @property
+    def paths(self) -> list[Path]:
+        return [img.path for img in (self.moving, self.fixed, self.labels) if img is not None]
+
+
+@dataclass
+class PairResult:
+    """What one registration produced, still in memory.
+
+    files:   output file name (inside the pair's folder) -> writer(path) that writes that file at `path`; the
+             commit step calls every writer inside a temporary folder and moves the files into place together
+             (summary.json last: its presence marks a finished pair).
+    summary: JSON-able facts for summary.json (inputs, model, backend, timings_s, qc, warnings); steps may add
+             keys. Its writer is added by the commit step and serializes the dict as it is then.
+    """
+
+    files: dict[str, Callable[[Path], Any]]
+    summary: dict[str, Any]
+
+
+def read_pair(moving: str | os.PathLike, fixed: str | os.PathLike,
+              labels: str | os.PathLike | None = None) -> Pair:
+    """Read and check a pair's input files (no model needed yet); ValueError on anything unusable."""
     mov = read_image(moving)
     fix = read_image(fixed)
     _check_same_grid(mov, fix, "moving and fixed")
@@ -186,67 +230,216 @@ def run_register(moving: str | os.PathLike, fixed: str | os.PathLike, out: str |
     if labels is not None:
         lab = read_image(labels, labels=True)
         _check_same_grid(mov, lab, "moving and labels")
-    data_ndim = mov.data.ndim
     if mov.kind == "png" and mov.data.ndim != 2:
         raise ValueError(f"{mov.path}: PNG inputs must be greyscale 2D images, got shape {mov.data.shape}")
-    model = model or f"default-{data_ndim}d"
-    reg = Registrator.load(model, backend=backend, device=device)
+    return Pair(mov, fix, lab)
+
+
+def default_model(pair: Pair) -> str:
+    """The bundled model for the pair's dimensionality (a single-slice (X, Y, 1) volume is 2D)."""
+    return f"default-{pair.data_ndim}d"
+
+
+def load_registrator(model: str, backend: str = "auto", device: str = "auto"):
+    """Registrator.load for the CLI (lazy import: `deepsim-rt --help` must not import torch)."""
+    from deepsim_rt.runtime import Registrator
+
+    return Registrator.load(model, backend=backend, device=device)
+
+
+def register_pair(reg, pair: Pair) -> PairResult:
+    """Register a read pair with a loaded Registrator; returns the outputs (in memory) and the summary."""
     nd = reg.ndim
-    m_arr = _spatial(mov, nd, "moving").astype(np.float32)
-    f_arr = _spatial(fix, nd, "fixed").astype(np.float32)
-    l_arr = _label_array(lab) if lab is not None else None
-    if l_arr is not None:
-        l_arr = _spatial(ImageFile(lab.path, lab.kind, l_arr, disk_shape=lab.disk_shape), nd, "labels")
+    m_arr = _spatial(pair.moving, nd, "moving").astype(np.float32)
+    f_arr = _spatial(pair.fixed, nd, "fixed").astype(np.float32)
+    l_arr = None
+    if pair.labels is not None:
+        lab = pair.labels
+        l_arr = _spatial(ImageFile(lab.path, lab.kind, _label_array(lab), disk_shape=lab.disk_shape), nd, "labels")
 
     t0 = time.perf_counter()
     res = reg.register(m_arr, f_arr, l_arr)
     seconds = time.perf_counter() - t0
 
-    # Everything is computed: now write (each file atomically).
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} exists and is not a folder")
-    out.mkdir(parents=True, exist_ok=True)
     vec = np.moveaxis(res.displacement, 0, -1).astype(np.float32)  # (*S, ndim): vector on the last axis
-    warped = res.warped
-    warped_labels = res.warped_labels
-    written = []
+    summary: dict[str, Any] = {
+        "moving": str(pair.moving.path), "fixed": str(pair.fixed.path),
+        "labels": None if pair.labels is None else str(pair.labels.path),
+        "model": str(reg.source), "backend": reg.backend_name, "device": str(reg.device),
+        "shape": list(m_arr.shape), "timings_s": {"register": seconds},
+        "max_displacement_voxels": float(np.abs(vec).max()), "warnings": list(pair.notes),
+    }
+    return PairResult(_image_outputs(pair, nd, res.warped, vec, res.warped_labels), summary)
+
+
+def _image_outputs(pair: Pair, nd: int, warped: np.ndarray, vec: np.ndarray,
+                   warped_labels: np.ndarray | None) -> dict[str, Callable[[Path], Any]]:
+    """File name -> writer for the warped image, the voxel displacement and the warped labels, in the input's
+    format (see the module docstring)."""
+    mov, fix = pair.moving, pair.fixed
+    files: dict[str, Callable[[Path], Any]] = {}
     if mov.kind == "nifti":
         from deepsim_rt.data.nifti import save_nifti
 
         shape = fix.disk_shape
-        written.append(save_nifti(out / "warped.nii.gz", warped.reshape(shape), fix.affine, fix.header))
-        vshape = (*shape, nd)
-        _save_nifti_vector(out / "displacement.nii.gz", vec.reshape(vshape), fix.affine, fix.header)
-        written.append(out / "displacement.nii.gz")
+        files["warped.nii.gz"] = lambda p: save_nifti(p, warped.reshape(shape), fix.affine, fix.header)
+        files["displacement.nii.gz"] = lambda p: _save_nifti_vector(p, vec.reshape(*shape, nd), fix.affine,
+                                                                     fix.header)
         if warped_labels is not None:
-            written.append(save_nifti(out / "warped_labels.nii.gz", warped_labels.reshape(shape), fix.affine,
-                                      fix.header))
+            files["warped_labels.nii.gz"] = lambda p: save_nifti(p, warped_labels.reshape(shape), fix.affine,
+                                                                  fix.header)
     elif mov.kind == "png":
-        _save_png(out / "warped.png", warped, mov.png_dtype)
-        _save_npy(out / "displacement.npy", vec)
-        written += [out / "warped.png", out / "displacement.npy"]
+        files["warped.png"] = lambda p: _save_png(p, warped, mov.png_dtype)
+        files["displacement.npy"] = lambda p: _save_npy(p, vec)
         if warped_labels is not None:
-            _save_png(out / "warped_labels.png", warped_labels, warped_labels.dtype)
-            written.append(out / "warped_labels.png")
+            files["warped_labels.png"] = lambda p: _save_png(p, warped_labels, warped_labels.dtype)
     else:
-        _save_npy(out / "warped.npy", warped.reshape(mov.disk_shape).astype(np.float32))
-        _save_npy(out / "displacement.npy", vec)
-        written += [out / "warped.npy", out / "displacement.npy"]
+        files["warped.npy"] = lambda p: _save_npy(p, warped.reshape(mov.disk_shape).astype(np.float32))
+        files["displacement.npy"] = lambda p: _save_npy(p, vec)
         if warped_labels is not None:
-            _save_npy(out / "warped_labels.npy", warped_labels.reshape(mov.disk_shape))
-            written.append(out / "warped_labels.npy")
-    return {"outputs": [str(p) for p in written], "backend": reg.backend_name, "device": str(reg.device),
-            "seconds": seconds, "shape": tuple(m_arr.shape), "max_displacement": float(np.abs(vec).max()),
-            "model": str(reg.source)}
+            files["warped_labels.npy"] = lambda p: _save_npy(p, warped_labels.reshape(mov.disk_shape))
+    return files
+
+
+SUMMARY_NAME = "summary.json"
+
+
+def commit_outputs(out: str | os.PathLike, result: PairResult, inputs: list[Path],
+                   overwrite: bool = False) -> list[Path]:
+    """Write every file of `result` (plus summary.json) into `out`, all or nothing.
+
+    The files are written into a temporary folder inside `out`, then moved into place together (summary.json
+    last). Refuses (ValueError, nothing written) when a target exists and not `overwrite`, and ALWAYS when a target
+    is one of `inputs`. On any failure nothing new is left behind: the temporary folder and any folder created
+    here are removed, and files replaced with `overwrite` are restored. OSErrors become one-line ValueErrors
+    naming the path. Returns the written paths.
+    """
+    files = dict(result.files)
+    files[SUMMARY_NAME] = lambda p: _save_json(p, result.summary)
+    return commit_files(out, files, protected=inputs, overwrite=overwrite)
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)  # hard links
+    except OSError:
+        return False
+
+
+def _os_error_line(exc: OSError, fallback: Path) -> str:
+    where = exc.filename or fallback
+    return f"cannot write {where}: {exc.strerror or type(exc).__name__}"
+
+
+def commit_files(out: str | os.PathLike, files: dict[str, Callable[[Path], Any]], protected: list[Path] = (),
+                 overwrite: bool = False) -> list[Path]:
+    """Write `files` (name -> writer(path)) into folder `out`, all or nothing; the last name is moved last.
+
+    Every writer runs inside a fresh temporary folder in `out` (same file system: the moves are renames); only
+    when all have succeeded are the files moved into place, in order. Refuses with ValueError, before writing,
+    when a target is one of `protected` (inputs; even with `overwrite`), when a target exists and not
+    `overwrite`, or when a target is a folder. On any failure the temporary folder, folders created here and
+    files already moved are removed, and files replaced with `overwrite` are restored. An OSError becomes a
+    one-line ValueError naming the path. Returns the target paths in order.
+    """
+    out = Path(out)
+    targets = {name: out / name for name in files}
+    for name, target in targets.items():
+        if Path(name).name != name:
+            raise ValueError(f"output names must be plain file names, got {name!r}")  # pragma: no cover
+        for src in protected:
+            if _same_file(target, Path(src)):
+                raise ValueError(f"refusing to write {target}: it is an input ({src}); choose another --out")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} exists and is not a folder")
+    existing = [t for t in targets.values() if t.exists() or t.is_symlink()]
+    for t in existing:
+        if t.is_dir():
+            raise ValueError(f"output {t} exists and is a folder")
+    if existing and not overwrite:
+        names = ", ".join(t.name for t in existing)
+        raise ValueError(f"outputs already exist in {out} ({names}); pass --overwrite to replace them")
+    created: list[Path] = []
+    tmp: Path | None = None
+    done = False
+    try:
+        for parent in reversed([out, *out.parents]):
+            if not parent.exists():
+                parent.mkdir()
+                created.append(parent)
+        tmp = Path(tempfile.mkdtemp(prefix=".deepsim_rt-partial-", dir=out))
+        for name, write in files.items():
+            write(tmp / name)
+            if not (tmp / name).is_file():
+                raise ValueError(f"internal error: the writer of {name} wrote no file")  # pragma: no cover
+        backup = tmp / ".replaced"
+        backup.mkdir()
+        placed: list[str] = []
+        replaced: list[str] = []
+        try:
+            for name, target in targets.items():
+                if target.exists() or target.is_symlink():
+                    os.replace(target, backup / name)
+                    replaced.append(name)
+                os.replace(tmp / name, target)
+                placed.append(name)
+        except BaseException:
+            for name in placed:
+                targets[name].unlink(missing_ok=True)
+            for name in replaced:
+                os.replace(backup / name, targets[name])
+            raise
+        done = True
+    except OSError as exc:
+        raise ValueError(_os_error_line(exc, out)) from exc
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if not done:
+            for folder in reversed(created):
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
+    return list(targets.values())
+
+
+def _save_json(path: Path, obj: Any) -> None:
+    text = json.dumps(obj, indent=2, sort_keys=False) + "\n"
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def run_register(moving: str | os.PathLike, fixed: str | os.PathLike, out: str | os.PathLike,
+                 labels: str | os.PathLike | None = None, model: str | None = None, backend: str = "auto",
+                 device: str = "auto", overwrite: bool = False) -> dict[str, Any]:
+    """Register files; returns the pair's summary plus "outputs" (written paths) and "seconds" (registration).
+
+    Nothing is written until every input has been read and checked and the registration has run; then all
+    outputs appear together (see `commit_outputs`).
+    """
+    t0 = time.perf_counter()
+    pair = read_pair(moving, fixed, labels)
+    t_read = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    reg = load_registrator(model or default_model(pair), backend=backend, device=device)
+    t_load = time.perf_counter() - t0
+    result = register_pair(reg, pair)
+    result.summary["timings_s"].update(read=t_read, load_model=t_load)
+    written = commit_outputs(out, result, pair.paths, overwrite=overwrite)
+    info = dict(result.summary)
+    info["outputs"] = [str(p) for p in written]
+    info["seconds"] = info["timings_s"]["register"]
+    return info
 
 
 def _cmd(args: argparse.Namespace) -> int:
     info = run_register(args.moving, args.fixed, args.out, labels=args.labels, model=args.model,
-                        backend=args.backend, device=args.device)
+                        backend=args.backend, device=args.device, overwrite=args.overwrite)
     print(f"registered {args.moving} -> {args.fixed} ({'x'.join(map(str, info['shape']))}) with {info['model']} "
           f"on {info['backend']} ({info['device']}) in {info['seconds'] * 1000:.1f} ms; max |u| = "
-          f"{info['max_displacement']:.2f} voxels")
+          f"{info['max_displacement_voxels']:.2f} voxels")
+    for w in info["warnings"]:
+        print(f"  warning: {w}")
     for p in info["outputs"]:
         print(f"  wrote {p}")
     return 0
@@ -267,4 +460,6 @@ def add_subcommands(subparsers) -> None:
                         "model matching the data's dimensionality)")
     p.add_argument("--backend", default="auto", choices=BACKENDS, help="runtime backend (default: %(default)s)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:i] (default: %(default)s)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace existing outputs in --out (never an input file; default: refuse)")
     p.set_defaults(func=_cmd)
