@@ -20,6 +20,13 @@ from deepsim_rt.nn import (
     read_metadata,
     save_model,
 )
+from deepsim_rt.nn.checkpoint import (
+    read_scale,
+    read_spacing,
+    read_train_grid,
+    scale_metadata,
+    update_metadata,
+)
 
 SIZES = {2: (24, 40), 3: (16, 24, 8)}
 
@@ -188,3 +195,68 @@ def test_build_model_picks_class_by_kind():
     assert type(build_model(NetConfig.make("ae", 3, "tiny"))) is AutoEncoder
     with pytest.raises(ValueError, match="kind 'seg'"):
         SegNet(NetConfig.make("ae", 3, "tiny"))
+
+
+def test_checkpoint_records_the_training_scale(tmp_path):
+    """spacing_mm / train_grid: JSON lists in tensor order, read back as tuples; files without them read as None."""
+    model = RegNet(NetConfig.make("reg", 3, "tiny"))
+    extra = scale_metadata((2.0, 2.0, 2.5), (80, 96, 80))
+    assert extra == {"spacing_mm": "[2.0, 2.0, 2.5]", "train_grid": "[80, 96, 80]"}
+    path = save_model(tmp_path / "m.safetensors", model, extra=extra)
+    assert read_spacing(path) == (2.0, 2.0, 2.5) and read_train_grid(path) == (80, 96, 80)
+    assert read_scale(path) == ((2.0, 2.0, 2.5), (80, 96, 80))
+    old = save_model(tmp_path / "old.safetensors", model)
+    assert read_scale(old) == (None, None)
+    assert scale_metadata(None, [8, 8, 8]) == {"train_grid": "[8, 8, 8]"}
+
+
+def test_update_metadata_adds_the_scale_without_touching_the_weights(tmp_path):
+    from safetensors.torch import load_file
+
+    old = save_model(tmp_path / "old.safetensors", RegNet(NetConfig.make("reg", 2, "tiny")))
+    new = update_metadata(old, scale_metadata((4.0, 4.0), (48, 40)), tmp_path / "new.safetensors")
+    assert read_scale(new) == ((4.0, 4.0), (48, 40)) and read_scale(old) == (None, None)
+    a, b = load_file(str(old)), load_file(str(new))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert read_metadata(new)["config"] == read_metadata(old)["config"]
+    with pytest.raises(ValueError, match="other than format/config"):
+        update_metadata(old, {"config": "{}"}, tmp_path / "x.safetensors")
+
+
+@pytest.mark.parametrize(
+    "spacing, grid, match",
+    [
+        ([2.0, 0.0, 2.0], None, "spacing_mm must be"),
+        ([2.0, float("nan"), 2.0], None, "spacing_mm must be"),
+        (None, [80, 96.5, 80], "train_grid must be"),
+        ([2.0, 2.0], [80, 96, 80], "different lengths"),
+    ],
+)
+def test_malformed_scale_is_refused(spacing, grid, match):
+    with pytest.raises(ValueError, match=match):
+        scale_metadata(spacing, grid)
+
+
+def test_scale_entry_that_disagrees_with_the_model_is_a_clear_error(tmp_path):
+    model = RegNet(NetConfig.make("reg", 3, "tiny"))
+    path = save_model(tmp_path / "m.safetensors", model, extra={"spacing_mm": "[2.0, 2.0]"})
+    with pytest.raises(ValueError, match=r"one entry per spatial axis \(3\)"):
+        read_spacing(path)
+    path = save_model(tmp_path / "n.safetensors", model, extra={"train_grid": "[80, 96"})
+    with pytest.raises(ValueError, match="not JSON"):
+        read_train_grid(path)
+
+
+@pytest.mark.parametrize("name, preset", [("default-2d", "default-2d"), ("default-3d", "default-3d")])
+def test_bundled_checkpoints_record_the_scale_of_their_training_data(name, preset):
+    """Every bundled file says the voxel spacing and grid of the synthetic preset it was trained on."""
+    from pathlib import Path
+
+    import deepsim_rt
+    from deepsim_rt.data.atlas import atlas_shape
+    from deepsim_rt.data.synthetic import SyntheticConfig
+
+    cfg = SyntheticConfig.preset(preset)
+    for f in ("seg", "ae", "reg"):
+        path = Path(deepsim_rt.__file__).parent / "weights" / name / f"{f}.safetensors"
+        assert read_scale(path) == ((float(cfg.voxel_size),) * cfg.ndim, atlas_shape(cfg.ndim, cfg.voxel_size)), f

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from deepsim_rt.nn import load_model
+from deepsim_rt.nn.checkpoint import read_scale
 from deepsim_rt.train import (
     FeatureTrainConfig,
     RegistrationTrainConfig,
@@ -82,6 +83,8 @@ def test_checkpoint_round_trip(tmp_path):
     assert state.step == 2
     assert state.train_config == dataclasses.asdict(cfg)
     model = load_model(summary["model"])
+    # The model file records the scale of its data: tiny-2d is a 48 x 40 slice at 4 mm.
+    assert read_scale(summary["model"]) == ((4.0, 4.0), (48, 40))
     from deepsim_rt.nn import build_model
 
     rebuilt = build_model(state.net_config)
@@ -235,14 +238,15 @@ def test_nifti_folder_trains_and_evaluates(tmp_path):
     from deepsim_rt.train.data import open_source
 
     synth = open_source("tiny-2d")
+    affine = np.diag([1.5, -2.0, 3.0, 1.0])  # anisotropic, one axis flipped: the spacing is the column norm
     (tmp_path / "data" / "images").mkdir(parents=True)
     (tmp_path / "data" / "labels").mkdir()
     for i in range(8):
         image, labels = synth.subject("train", i)
         save_nifti(tmp_path / "data" / "images" / f"s{i}.nii.gz", (image[0] * 800.0).numpy()[..., None],
-                   np.eye(4))
+                   affine)
         save_nifti(tmp_path / "data" / "labels" / f"s{i}.nii.gz", labels[0].numpy().astype(np.uint8)[..., None],
-                   np.eye(4))
+                   affine)
     source = open_source(str(tmp_path / "data"))
     assert (source.ndim, source.shape, source.size("train"), source.size("val"), source.size("test")) == \
         (2, (48, 40), 4, 2, 2)
@@ -251,6 +255,7 @@ def test_nifti_folder_trains_and_evaluates(tmp_path):
     cfg = {**TINY, "data": str(tmp_path / "data")}
     out = train_registration(RegistrationTrainConfig(loss="mse", out=str(tmp_path / "reg"), steps=2, val_every=2,
                                                      checkpoint_every=2, **cfg))
+    assert source.spacing == (1.5, 2.0) and read_scale(out["model"]) == ((1.5, 2.0), (48, 40))
     rows = evaluate_model(out["model"], str(tmp_path / "data"))
     assert [(r["moving"], r["fixed"]) for r in rows] == [(0, 1), (1, 0)]
     assert all(r["epe"] is None for r in rows)  # no ground truth for user data

@@ -4,6 +4,10 @@ File format (`*.safetensors`):
     tensors   the model's state_dict (parameters and BatchNorm buffers)
     metadata  {"format": "deepsim_rt.model", "format_version": "1", "config": NetConfig JSON,
                "deepsim_rt_version": ..., plus any caller-supplied string entries (e.g. "train": JSON)}
+    optional  "spacing_mm": JSON list of floats, the voxel spacing (mm) of the training data, one per spatial axis
+              in TENSOR order (e.g. "[2.0, 2.0, 2.0]"); "train_grid": JSON list of ints, the spatial shape of the
+              training data in tensor order (e.g. "[80, 96, 80]"). Written by training (`scale_metadata`), read by
+              `read_spacing` / `read_train_grid` / `read_scale`; files from before these keys read as None.
 Writes go to a temporary file in the same directory, then os.replace: an interrupted save leaves the previous file.
 """
 
@@ -11,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from pathlib import Path
 
@@ -25,6 +30,8 @@ from deepsim_rt.nn.unet import build_model
 
 FORMAT = "deepsim_rt.model"
 FORMAT_VERSION = "1"
+SPACING_KEY = "spacing_mm"
+GRID_KEY = "train_grid"
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -105,3 +112,89 @@ def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"
                              f"{tuple(expected[key].shape)}")
     model.load_state_dict(state, strict=True)
     return model.to(map_location).eval()
+
+
+def _check_scale(spacing, grid, ndim: int | None = None) -> tuple[tuple[float, ...] | None, tuple[int, ...] | None]:
+    """Validate (spacing mm, grid) as tuples of one entry per spatial axis; either may be None."""
+    sp = gr = None
+    if spacing is not None:
+        if not isinstance(spacing, list | tuple) or not spacing or any(
+                isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or v <= 0
+                for v in spacing):
+            raise ValueError(f"spacing_mm must be a non-empty list of finite numbers > 0 (mm), got {spacing!r}")
+        sp = tuple(float(v) for v in spacing)
+    if grid is not None:
+        if not isinstance(grid, list | tuple) or not grid or any(
+                isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in grid):
+            raise ValueError(f"train_grid must be a non-empty list of ints >= 1, got {grid!r}")
+        gr = tuple(int(v) for v in grid)
+    for name, val in (("spacing_mm", sp), ("train_grid", gr)):
+        if val is not None and ndim is not None and len(val) != ndim:
+            raise ValueError(f"{name} must have one entry per spatial axis ({ndim}), got {list(val)}")
+    if sp is not None and gr is not None and len(sp) != len(gr):
+        raise ValueError(f"spacing_mm {list(sp)} and train_grid {list(gr)} have different lengths")
+    return sp, gr
+
+
+def scale_metadata(spacing=None, grid=None) -> dict[str, str]:
+    """The metadata entries recording the training scale, for `save_model(..., extra=...)`.
+
+    spacing: voxel spacing in mm per spatial axis (tensor order) or None (unknown: no entry);
+    grid: training spatial shape (tensor order) or None. Returns {"spacing_mm": "[...]", "train_grid": "[...]"}
+    (only the known ones). ValueError for non-positive / non-finite spacings, non-int sizes or mismatched lengths.
+    """
+    sp, gr = _check_scale(spacing, grid)
+    out = {}
+    if sp is not None:
+        out[SPACING_KEY] = json.dumps(list(sp))
+    if gr is not None:
+        out[GRID_KEY] = json.dumps(list(gr))
+    return out
+
+
+def read_scale(path: str | os.PathLike) -> tuple[tuple[float, ...] | None, tuple[int, ...] | None]:
+    """(spacing_mm, train_grid) recorded in a checkpoint, each a tuple per spatial axis in tensor order, or None
+    when the file predates these keys. ValueError if an entry is present but malformed or its length is not the
+    model's ndim (and for a missing / foreign file, as `read_metadata`)."""
+    meta = read_metadata(path)
+    ndim = NetConfig.from_json(meta["config"]).ndim
+    raw = {}
+    for key in (SPACING_KEY, GRID_KEY):
+        if key in meta:
+            try:
+                raw[key] = json.loads(meta[key])
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{str(path)!r}: metadata {key!r} is not JSON: {meta[key][:40]!r}") from exc
+    try:
+        return _check_scale(raw.get(SPACING_KEY), raw.get(GRID_KEY), ndim)
+    except ValueError as exc:
+        raise ValueError(f"{str(path)!r}: {exc}") from None
+
+
+def read_spacing(path: str | os.PathLike) -> tuple[float, ...] | None:
+    """The voxel spacing (mm per spatial axis, tensor order) the model was trained at; None for older files."""
+    return read_scale(path)[0]
+
+
+def read_train_grid(path: str | os.PathLike) -> tuple[int, ...] | None:
+    """The spatial shape (tensor order) of the model's training data; None for older files."""
+    return read_scale(path)[1]
+
+
+def update_metadata(path: str | os.PathLike, entries: dict[str, str], out: str | os.PathLike) -> Path:
+    """Write `path`'s tensors unchanged with its metadata updated by `entries` (string values; the format keys and
+    "config" cannot be changed) to `out` atomically (out may equal path). E.g. adding `scale_metadata(...)` to a
+    checkpoint trained before those keys existed, without touching its weights."""
+    meta = read_metadata(path)
+    for key, value in entries.items():
+        if key in ("format", "format_version", "config") or not isinstance(value, str):
+            raise ValueError(f"metadata updates must be string entries other than format/config, got {key!r}: "
+                             f"{type(value).__name__}")
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ValueError(f"{str(path)!r}: cannot read the tensors: {exc}") from exc
+    new = {**meta, **entries}
+    if not str(out).endswith(".safetensors"):
+        raise ValueError(f"checkpoint path must end in .safetensors, got {str(out)!r}")
+    return atomic_write(out, lambda tmp: save_file(tensors, tmp, metadata=new))

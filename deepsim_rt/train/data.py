@@ -32,7 +32,7 @@ __all__ = [
     "pad_to_multiple",
 ]
 
-SYNTHETIC_PRESETS = ("tiny-2d", "default-2d", "tiny-3d", "default-3d")
+SYNTHETIC_PRESETS = ("tiny-2d", "default-2d", "tiny-3d", "default-3d", "default-3d-2mm")
 
 
 def minmax(x: torch.Tensor) -> torch.Tensor:
@@ -50,6 +50,8 @@ class DataSource:
     subjects[split][i] -> (image (1, *S) float, labels (1, *S) int64). pairs(split) -> list of (moving, fixed)
     indices; pair_item(split, k) adds the true displacement where known (synthetic data), else None.
     mirror_labels: label value after a left/right flip (None: flipping is not label-safe, augmentation skips it).
+    spacing: voxel spacing in mm per spatial axis (tensor order), or None when unknown (recorded in the trained
+    model's metadata, deepsim_rt.nn.checkpoint.scale_metadata).
     """
 
     name: str
@@ -60,6 +62,7 @@ class DataSource:
     _splits: dict
     _pairs: dict
     _truth: object = None  # callable (split, k) -> (ndim, *S) true displacement or None
+    spacing: tuple[float, ...] | None = None
 
     @property
     def n_classes(self) -> int:
@@ -111,7 +114,7 @@ def _synthetic(name: str) -> DataSource:
     pairs["train"] = []
     return DataSource(name=name, ndim=cfg.ndim, shape=tuple(subjects["train"].shape),
                       label_names=tuple(label_names(cfg)), mirror_labels=tuple(MIRROR_LABELS), _splits=splits,
-                      _pairs=pairs, _truth=truth)
+                      _pairs=pairs, _truth=truth, spacing=(float(cfg.voxel_size),) * cfg.ndim)
 
 
 def _nifti(path: Path) -> DataSource:
@@ -119,6 +122,8 @@ def _nifti(path: Path) -> DataSource:
 
     Splits are by sorted file name: the last 20 % (at least 2) are test, the 10 % before them (at least 2) val,
     the rest (at least 2) train. Evaluation pairs: every ordered pair of test subjects (at most 64, seeded choice).
+    Spacing: the column norms of the affines (mm per array axis); None when the files disagree by more than 1 %
+    (a mixed-spacing folder has no one training scale).
     """
     from deepsim_rt.data.nifti import load_nifti
 
@@ -135,9 +140,12 @@ def _nifti(path: Path) -> DataSource:
     if missing:
         raise ValueError(f"label maps missing in {str(lab_dir)!r} for {missing[:3]}")
 
+    spacings: dict[str, tuple[float, ...]] = {}
+
     def read(n: str):
-        img, _, _ = load_nifti(img_dir / n, allow_2d=True)
+        img, affine, _ = load_nifti(img_dir / n, allow_2d=True)
         lab, _, _ = load_nifti(lab_dir / n, allow_2d=True)
+        spacings[n] = tuple(float(v) for v in np.linalg.norm(np.asarray(affine, dtype=np.float64)[:3, :3], axis=0))
         if img.shape != lab.shape:
             raise ValueError(f"{n}: image shape {img.shape} != label shape {lab.shape}")
         if img.ndim == 3 and img.shape[2] == 1:
@@ -171,9 +179,12 @@ def _nifti(path: Path) -> DataSource:
         return allp
 
     pairs = {"train": [], "val": pair_list(len(split_names["val"])), "test": pair_list(len(split_names["test"]))}
+    # Every file was read above (n_classes); a 2D image (X x Y [x 1]) keeps the spacing of its first two axes.
+    sp = np.array([spacings[n][: len(shape)] for n in names])
+    spacing = tuple(float(v) for v in sp[0]) if np.all(np.abs(sp / sp[0] - 1.0) <= 0.01) else None
     return DataSource(name=str(path), ndim=len(shape), shape=shape,
                       label_names=tuple(f"label_{k}" for k in range(n_classes)), mirror_labels=None,
-                      _splits=splits, _pairs=pairs, _truth=None)
+                      _splits=splits, _pairs=pairs, _truth=None, spacing=spacing)
 
 
 def open_source(data: str) -> DataSource:

@@ -6,7 +6,8 @@ with the running loss (rank 0), periodic validation, resumable atomic checkpoint
 
 Outputs in cfg.out:
     checkpoint.safetensors   resumable state (deepsim_rt.train.state), replaced atomically
-    model.safetensors        the trained model (deepsim_rt.nn.save_model; metadata "train" = config + last metrics)
+    model.safetensors        the trained model (deepsim_rt.nn.save_model; metadata "train" = config + last metrics,
+                             "spacing_mm" / "train_grid" = the data's voxel spacing and grid, when known)
     history.json             validation records [{step, lr, loss, dice, ...}]
 """
 
@@ -22,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from deepsim_rt.nn import atomic_write, save_model
+from deepsim_rt.nn.checkpoint import scale_metadata
 from deepsim_rt.train.data import EpochBatches
 from deepsim_rt.train.distributed import DistInfo, setup_distributed, sync_batchnorm, teardown_distributed
 from deepsim_rt.train.state import load_train_state, save_train_state
@@ -137,7 +139,9 @@ def _run(job: Job, cfg, info: DistInfo) -> dict:
     summary = {"job": job.name, "steps": cfg.steps, "resumed_from": start, "seconds": seconds,
                "last_validation": history[-1] if history else None, "config": dataclasses.asdict(cfg)}
     if info.is_main:
-        extra = {"train": json.dumps(summary, sort_keys=True)}
+        source = getattr(job, "source", None)  # a DataSource: the scale the model learned at
+        extra = {"train": json.dumps(summary, sort_keys=True),
+                 **scale_metadata(getattr(source, "spacing", None), getattr(source, "shape", None))}
         save_model(out / MODEL_NAME, model, extra=extra)
         text = json.dumps(history, indent=1)
         atomic_write(out / "history.json", lambda tmp: Path(tmp).write_text(text))
