@@ -259,3 +259,61 @@ def test_nifti_folder_trains_and_evaluates(tmp_path):
     rows = evaluate_model(out["model"], str(tmp_path / "data"))
     assert [(r["moving"], r["fixed"]) for r in rows] == [(0, 1), (1, 0)]
     assert all(r["epe"] is None for r in rows)  # no ground truth for user data
+
+
+def test_random_crop_cuts_one_window_from_every_tensor():
+    from deepsim_rt.train.data import random_crop
+
+    a = torch.arange(60).view(1, 6, 10)
+    ca, cb = random_crop([a, 10 * a], 8, torch.Generator().manual_seed(3))
+    # The 6-voxel axis is kept whole, the 10-voxel one cut to 8 at one offset, the same offset in both tensors.
+    assert ca.shape == (1, 6, 8) and torch.equal(cb, 10 * ca)
+    c0 = int(ca[0, 0, 0])
+    assert torch.equal(ca, a[:, :, c0:c0 + 8])
+    offsets = {int(random_crop([a], 4, torch.Generator().manual_seed(s))[0][0, 0, 0]) for s in range(40)}
+    assert offsets <= {r * 10 + c for r in range(3) for c in range(7)} and len(offsets) > 10
+    with pytest.raises(ValueError, match="one spatial shape"):
+        random_crop([a, a[:, :5]], 4, torch.Generator())
+
+
+def test_crop_trains_on_windows_and_the_model_records_the_data_grid(tmp_path):
+    """crop: batches of CROP^2 windows (image and labels, moving and fixed cut alike); validation and the recorded
+    scale are those of the whole images."""
+    from deepsim_rt.train.features import FeatureJob
+
+    job = FeatureJob(FeatureTrainConfig(task="seg", out=str(tmp_path / "s"), crop=16, **TINY))
+    job.build_model()
+    batch = job.make_batch([0, 1], epoch=0)
+    assert batch["image"].shape == (2, 1, 16, 16) and batch["labels"].shape == (2, 1, 16, 16)
+    rjob = RegistrationJob(_reg_cfg(tmp_path, crop=24))
+    rjob.build_model()
+    wjob = RegistrationJob(_reg_cfg(tmp_path))
+    wjob.build_model()
+    whole = wjob.make_batch([0, 1, 2], epoch=0)
+    batch = rjob.make_batch([0, 1, 2], epoch=0)
+    assert {k: tuple(v.shape) for k, v in batch.items()} == {k: (3, 1, 24, 24) for k in batch}
+    for b in range(3):
+        # Every crop is the window of its whole image at the offset where the moving image matches.
+        hits = [(r, c) for r in range(48 - 23) for c in range(40 - 23)
+                if torch.equal(whole["moving"][b, :, r:r + 24, c:c + 24], batch["moving"][b])]
+        assert len(hits) == 1, hits
+        (r, c), = hits
+        for k in batch:
+            assert torch.equal(whole[k][b, :, r:r + 24, c:c + 24], batch[k][b]), k
+    out = train_registration(_reg_cfg(tmp_path, crop=24, steps=2))
+    assert read_scale(out["model"]) == ((4.0, 4.0), (48, 40))
+
+
+def test_init_starts_from_a_trained_model(tmp_path, seg_model):
+    first = train_registration(_reg_cfg(tmp_path, steps=2))["model"]
+    # One Adam step at lr 1e-12 moves each weight by ~1e-12: the result is the init model, not a fresh one.
+    cfg = _reg_cfg(tmp_path, steps=1, init=first, lr=1e-12, out=str(tmp_path / "again"))
+    again = load_model(train_registration(cfg)["model"])
+    init = load_model(first)
+    for k, v in init.state_dict().items():
+        if v.is_floating_point() and "running" not in k:
+            torch.testing.assert_close(again.state_dict()[k], v, rtol=0, atol=1e-9)
+    with pytest.raises(ValueError, match="is a 2D seg model, this run trains a 2D reg model"):
+        train_registration(_reg_cfg(tmp_path, steps=1, init=seg_model, out=str(tmp_path / "bad")))
+    with pytest.raises(ValueError, match="crop must be an int >= 0"):
+        _reg_cfg(tmp_path, crop=-8)

@@ -63,6 +63,13 @@ class _Common:
     resume: bool = field(default=False, metadata=_h("continue from OUT/checkpoint.safetensors if it exists"))
     progress: bool = field(default=True, metadata=_h("show a progress bar (rank 0 only)"))
     threads: int = field(default=0, metadata=_h("torch CPU threads per process (0: leave torch's default)"))
+    crop: int = field(default=0, metadata=_h("train on random CROP^ndim windows (same window for an image and its "
+                                             "labels / a pair), a multiple of the net's 2**stages; 0: whole "
+                                             "images. Validation always sees whole images"))
+    keep_models: bool = field(default=False, metadata=_h("also write model_step<N>.safetensors at every "
+                                                         "validation (select the best on validation Dice)"))
+    init: str | None = field(default=None, metadata=_h("start from this model .safetensors (same architecture; "
+                                                       "e.g. a 4 mm net to start 2 mm training) instead of random"))
 
     def _check_common(self) -> None:
         if self.preset not in NET_PRESETS:
@@ -79,9 +86,12 @@ class _Common:
             raise ValueError(f"seed must be an int >= 0, got {self.seed!r}")
         if not isinstance(self.threads, int) or self.threads < 0:
             raise ValueError(f"threads must be an int >= 0, got {self.threads!r}")
+        if isinstance(self.crop, bool) or not isinstance(self.crop, int) or self.crop < 0:
+            raise ValueError(f"crop must be an int >= 0 voxels, got {self.crop!r}")
 
     # Fields that may change between a run and its resumption (everything else must match the checkpoint).
-    RESUMABLE_CHANGES = ("out", "steps", "resume", "progress", "threads", "val_every", "checkpoint_every")
+    RESUMABLE_CHANGES = ("out", "steps", "resume", "progress", "threads", "val_every", "checkpoint_every",
+                         "keep_models")
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)

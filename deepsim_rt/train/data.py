@@ -30,6 +30,7 @@ __all__ = [
     "EpochBatches",
     "SYNTHETIC_PRESETS",
     "pad_to_multiple",
+    "random_crop",
 ]
 
 SYNTHETIC_PRESETS = ("tiny-2d", "default-2d", "tiny-3d", "default-3d", "default-3d-2mm")
@@ -285,3 +286,17 @@ def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
     for s in reversed(x.shape[2:]):
         pads += [0, (-s) % multiple]
     return F.pad(x, pads) if any(pads) else x
+
+
+def random_crop(tensors: list[torch.Tensor], size: int, g: torch.Generator) -> list[torch.Tensor]:
+    """The same random window of `size` voxels per spatial axis cut from each (C, *S) tensor of equal spatial shape
+    (an axis shorter than `size` is kept whole). Offsets uniform over the valid positions, drawn from `g`."""
+    shape = tensors[0].shape[1:]
+    if any(t.shape[1:] != shape for t in tensors):
+        raise ValueError(f"random_crop needs tensors of one spatial shape, got {[tuple(t.shape) for t in tensors]}")
+    index = [slice(None)]
+    for s in shape:
+        c = min(size, s)
+        start = int(torch.randint(s - c + 1, (), generator=g))
+        index.append(slice(start, start + c))
+    return [t[tuple(index)] for t in tensors]

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from deepsim_rt.evaluate.metrics import dice_foreground
 from deepsim_rt.nn import NetConfig, build_model
 from deepsim_rt.train.config import FeatureTrainConfig
-from deepsim_rt.train.data import item_generator, open_source, pad_to_multiple, random_affine_flip
+from deepsim_rt.train.data import item_generator, open_source, pad_to_multiple, random_affine_flip, random_crop
 from deepsim_rt.train.distributed import DistInfo, all_reduce_sum
 from deepsim_rt.train.loop import run_job
 
@@ -53,6 +53,9 @@ class FeatureJob:
             if self.cfg.augment:
                 image, labels = random_affine_flip(image, labels, item_generator(self.cfg.seed, epoch, i),
                                                    self.source.mirror_labels)
+            if self.cfg.crop:
+                image, labels = random_crop([image, labels], self.cfg.crop,
+                                            item_generator(self.cfg.seed, epoch, i, stream=2))
             items.append((image, labels))
         return self._stack(items)
 

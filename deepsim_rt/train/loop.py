@@ -8,6 +8,7 @@ Outputs in cfg.out:
     checkpoint.safetensors   resumable state (deepsim_rt.train.state), replaced atomically
     model.safetensors        the trained model (deepsim_rt.nn.save_model; metadata "train" = config + last metrics,
                              "spacing_mm" / "train_grid" = the data's voxel spacing and grid, when known)
+    model_step<N>.safetensors  with keep_models: the model at each validation (same metadata, "train" = that record)
     history.json             validation records [{step, lr, loss, dice, ...}]
 """
 
@@ -22,7 +23,7 @@ from typing import Protocol
 import torch
 from tqdm.auto import tqdm
 
-from deepsim_rt.nn import atomic_write, save_model
+from deepsim_rt.nn import atomic_write, load_model, save_model
 from deepsim_rt.nn.checkpoint import scale_metadata
 from deepsim_rt.train.data import EpochBatches
 from deepsim_rt.train.distributed import DistInfo, setup_distributed, sync_batchnorm, teardown_distributed
@@ -55,6 +56,27 @@ def _check_resumable(saved: dict, cfg) -> None:
         raise ValueError(f"cannot resume: the checkpoint was trained with different settings ({shown})")
 
 
+def _scale(job: Job) -> dict[str, str]:
+    """spacing_mm / train_grid metadata of the job's DataSource (the scale the model learned at), when known."""
+    source = getattr(job, "source", None)
+    return scale_metadata(getattr(source, "spacing", None), getattr(source, "shape", None))
+
+
+def _init_from(model: torch.nn.Module, path: str) -> None:
+    """Copy the weights of the model file `path` into `model`: same kind, ndim and tensor shapes (dropout and the
+    training scale may differ, e.g. a 4 mm net starting 2 mm training)."""
+    src = load_model(path)
+    a, b = src.cfg, model.cfg
+    if (a.kind, a.ndim) != (b.kind, b.ndim):
+        raise ValueError(f"--init {path!r} is a {a.ndim}D {a.kind} model, this run trains a {b.ndim}D {b.kind} model")
+    theirs, mine = src.state_dict(), model.state_dict()
+    bad = sorted(k for k in mine if k not in theirs or theirs[k].shape != mine[k].shape)
+    if bad or set(theirs) - set(mine):
+        raise ValueError(f"--init {path!r} has other layers or widths than this run's {model.cfg.kind} net "
+                         f"(first mismatches: {(bad or sorted(set(theirs) - set(mine)))[:3]})")
+    model.load_state_dict(theirs, strict=True)
+
+
 def run_job(job: Job) -> dict:
     """Train `job` to cfg.steps (resuming if asked); returns a summary dict (rank 0 writes the files)."""
     cfg = job.cfg
@@ -73,6 +95,8 @@ def _run(job: Job, cfg, info: DistInfo) -> dict:
     job.setup(info)
     torch.manual_seed(cfg.seed)  # identical initialization on every rank (DDP broadcasts rank 0's anyway)
     model = job.build_model().to(info.device)
+    if cfg.init:
+        _init_from(model, cfg.init)
     if info.distributed:
         sync_batchnorm(model)  # BatchNorm statistics over the global batch: same result as one process
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
@@ -129,6 +153,10 @@ def _run(job: Job, cfg, info: DistInfo) -> dict:
             if info.is_main:
                 shown = " ".join(f"{k}={v:.4f}" for k, v in val.items() if isinstance(v, float))
                 bar.write(f"[{job.name}] step {done}/{cfg.steps} running_loss={running:.4f} val: {shown}")
+                if getattr(cfg, "keep_models", False):
+                    save_model(out / f"model_step{done}.safetensors", model,
+                               extra={"train": json.dumps({"validation": record, "config": dataclasses.asdict(cfg)},
+                                                          sort_keys=True), **_scale(job)})
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:
             if info.is_main:
                 save_train_state(ckpt_path, done, model, optimizer, scheduler, dataclasses.asdict(cfg), history)
@@ -139,9 +167,7 @@ def _run(job: Job, cfg, info: DistInfo) -> dict:
     summary = {"job": job.name, "steps": cfg.steps, "resumed_from": start, "seconds": seconds,
                "last_validation": history[-1] if history else None, "config": dataclasses.asdict(cfg)}
     if info.is_main:
-        source = getattr(job, "source", None)  # a DataSource: the scale the model learned at
-        extra = {"train": json.dumps(summary, sort_keys=True),
-                 **scale_metadata(getattr(source, "spacing", None), getattr(source, "shape", None))}
+        extra = {"train": json.dumps(summary, sort_keys=True), **_scale(job)}
         save_model(out / MODEL_NAME, model, extra=extra)
         text = json.dumps(history, indent=1)
         atomic_write(out / "history.json", lambda tmp: Path(tmp).write_text(text))

@@ -19,7 +19,7 @@ from deepsim_rt.kernels import warp
 from deepsim_rt.losses import build_similarity, diffusion_regularizer, one_hot
 from deepsim_rt.nn import NetConfig, build_model, load_model
 from deepsim_rt.train.config import RegistrationTrainConfig
-from deepsim_rt.train.data import item_generator, open_source, pad_to_multiple
+from deepsim_rt.train.data import item_generator, open_source, pad_to_multiple, random_crop
 from deepsim_rt.train.distributed import DistInfo, all_reduce_sum
 from deepsim_rt.train.loop import run_job
 
@@ -76,10 +76,15 @@ class RegistrationJob:
             raise ValueError(f"registration training needs >= 2 training subjects, got {n}")
         return n
 
-    def _stack(self, split: str, pairs: list[tuple[int, int]]) -> dict[str, torch.Tensor]:
+    def _stack(self, split: str, pairs: list[tuple[int, int]], crops: list | None = None) -> dict[str, torch.Tensor]:
+        """Pad (and with `crops`, one generator per pair, cut the same random window from both images) and stack."""
         m = self.net_cfg.spatial_multiple
         mov = [self.source.subject(split, a) for a, _ in pairs]
         fix = [self.source.subject(split, b) for _, b in pairs]
+        if crops is not None:
+            for k, g in enumerate(crops):
+                mi, ml, fi, fl = random_crop([*mov[k], *fix[k]], self.cfg.crop, g)
+                mov[k], fix[k] = (mi, ml), (fi, fl)
         st = lambda xs, k: pad_to_multiple(torch.stack([x[k] for x in xs]), m).to(self.device)
         return {"moving": st(mov, 0), "moving_labels": st(mov, 1), "fixed": st(fix, 0), "fixed_labels": st(fix, 1)}
 
@@ -89,7 +94,8 @@ class RegistrationJob:
         for i in indices:
             j = int(torch.randint(n - 1, (), generator=item_generator(self.cfg.seed, epoch, i, stream=1)))
             pairs.append((i, j + (j >= i)))  # j != i
-        return self._stack("train", pairs)
+        crops = [item_generator(self.cfg.seed, epoch, i, stream=2) for i in indices] if self.cfg.crop else None
+        return self._stack("train", pairs, crops)
 
     def _loss(self, model, batch) -> torch.Tensor:
         warped, u = model(batch["moving"], batch["fixed"])
