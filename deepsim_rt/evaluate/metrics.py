@@ -47,6 +47,9 @@ def dice_per_class(pred: torch.Tensor, true: torch.Tensor, n_classes: int) -> to
     pred, true: integer label maps (B, 1, *S), same shape (pred is usually the moving labels warped with nearest).
     Returns (B, n_classes) float64; NaN where class k is absent from BOTH maps (undefined; each convention below
     decides what that means). Labels outside [0, n_classes) raise ValueError.
+    Convention where peers differ: a class absent from the truth but present in pred scores 0 (a false positive),
+    where MONAI's DiceMetric (ignore_empty=True) returns NaN and so leaves it out of its means (pinned in
+    tests/test_conventions.py).
     """
     _check_labels("pred", pred)
     _check_labels("true", true)

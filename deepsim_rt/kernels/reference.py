@@ -227,7 +227,10 @@ def integrate(velocity: torch.Tensor, steps: int = DEFAULT_STEPS, padding: str =
 
     u_0 = v / 2**steps;  u_{k+1} = u_k + warp(u_k, u_k)  (i.e. phi_{k+1} = phi_k o phi_k), `steps` times.
     Padding "border" (default) extrapolates the displacement at the edge as constant, which keeps the map smooth at
-    the boundary; VoxelMorph's VecInt samples with zeros.
+    the boundary (and a constant velocity integrates to exactly that translation). Convention where peers differ:
+    MONAI's DVF2DDF and VoxelMorph's VecInt sample with zeros, which shrinks the field wherever p + u(p) leaves the
+    grid (issue 11 saw up to 5 voxels of difference on rough fields); pass padding="zeros" to match them (pinned in
+    tests/test_conventions.py).
     Args: velocity (B, ndim, *spatial) float, voxel units; steps >= 0 (0 returns v unchanged).
     Returns (B, ndim, *spatial).
     """

@@ -19,6 +19,10 @@ def diffusion_regularizer(u: torch.Tensor) -> torch.Tensor:
     (batch, channels, voxels):
         reg = mean_{b,c,p} [ sum_i (u(p + e_i) - u(p))^2 ] / ndim         (voxels^2 per voxel^2)
     A constant field gives 0; a linear field u_c = sum_j A_cj x_j gives sum_{c,j} A_cj^2 (n_j - 1)/n_j / (ndim * ndim).
+    Convention where peers differ: the mean is over the n voxels of each axis (the last forward difference is 0),
+    whereas VoxelMorph / neurite Grad('l2') average over the n - 1 differences, so for a linear field ours is
+    (n - 1)/n of theirs; MONAI's DiffusionLoss uses central differences instead (pinned in
+    tests/test_conventions.py). Weights lambda tuned on one convention transfer to the other up to that factor.
     Returns a 0-dim tensor (fp32, or fp64 for fp64 input).
     """
     nsp = check_displacement("u", u)
