@@ -6,7 +6,7 @@ evaluate_model / evaluate_pairs: register the data set's fixed, seeded test pair
     dice_per_class Dice of every class (NaN -> null where absent from both)
     folding        % of voxels with det J(phi) <= 0;  std_log_jac  std of log det J over the non-folded voxels
     epe            mean endpoint error (voxels) vs the true displacement (synthetic data only)
-The moving label map is warped with nearest, the image with linear interpolation.
+The moving label map is warped with the label mode (generic by default: ANTs genericLabel), the image linearly.
 
 run_study: trains the feature extractors (seg, ae) and one registration net per loss (MSE, NCC, NCC_sup,
 VGG if weights are given, DeepSim_ae, DeepSim_seg), evaluates them on the same test pairs, and writes the
@@ -35,14 +35,15 @@ from deepsim_rt.evaluate.metrics import (
     folding_fraction,
     std_log_jacobian,
 )
-from deepsim_rt.kernels import warp
 from deepsim_rt.nn import atomic_write, load_model
 from deepsim_rt.train.config import DEFAULT_LAMBDAS, FeatureTrainConfig, RegistrationTrainConfig
 from deepsim_rt.train.data import DataSource, open_source, pad_to_multiple
+from deepsim_rt.transforms.resample import DEFAULT_LABEL_MODE, warp_labels
 
 __all__ = [
     "evaluate_pairs",
     "evaluate_model",
+    "refine_register_fn",
     "summarize",
     "markdown_table",
     "write_results",
@@ -64,8 +65,10 @@ def _nan_to_none(x: float) -> float | None:
 
 
 def evaluate_pairs(source: DataSource, register: RegisterFn | None, split: str = "test",
-                   max_pairs: int | None = None, padding: str = "border") -> list[dict]:
+                   max_pairs: int | None = None, padding: str = "border",
+                   label_mode: str = DEFAULT_LABEL_MODE) -> list[dict]:
     """Score `register` on the source's seeded evaluation pairs; register=None is the identity (no registration).
+    label_mode: how the moving labels are warped, "generic" | "nearest" (deepsim_rt.transforms.resample).
 
     Returns one dict per pair: moving, fixed (subject indices), dice_fg, dice_paper, dice_per_class {name: dice},
     folding (%), std_log_jac, epe (voxels; None without ground truth), seconds (registration time).
@@ -86,7 +89,7 @@ def evaluate_pairs(source: DataSource, register: RegisterFn | None, split: str =
             with torch.no_grad():
                 u = register(mov, fix)
         seconds = time.perf_counter() - t0
-        warped_lab = warp(mov_lab, u, mode="nearest", padding=padding)
+        warped_lab = warp_labels(mov_lab, u, mode=label_mode, padding=padding)
         per_class = dice_per_class(warped_lab, fix_lab, k)[0].tolist()
         truth = source.true_displacement(split, idx)
         rows.append({
@@ -111,6 +114,18 @@ def model_register_fn(model: torch.nn.Module) -> RegisterFn:
         size = moving.shape[2:]
         u = model.displacement(pad_to_multiple(moving, m), pad_to_multiple(fixed, m))
         return u[(slice(None), slice(None), *(slice(0, s) for s in size))]
+
+    return register
+
+
+def refine_register_fn(config, base: RegisterFn | None = None, extractor=None) -> RegisterFn:
+    """Instance optimisation on top of `base` (a network's register fn; None = start from zero): the displacement
+    is refined per pair by deepsim_rt.refine (config: a RefineConfig; extractor: for the DeepSim losses)."""
+    from deepsim_rt.refine import refine
+
+    def register(moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
+        init = None if base is None else base(moving, fixed)
+        return refine(moving, fixed, init=init, config=config, extractor=extractor).displacement
 
     return register
 

@@ -1,0 +1,149 @@
+"""Quality table of instance optimisation (issue #10): Dice fg / paper, folding, SD log|J|, s/pair on ALL bundled
+test pairs, for no registration, the network, network + refine (each loss), refine from zero and ANTs SyN (CC).
+
+    OMP_NUM_THREADS=1 ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS=1 nice -n 5 \
+        .venv/bin/python benchmarks/refine_quality.py --data default-2d --out benchmarks/results/refine_quality_2d
+    ... --data default-3d --out benchmarks/results/refine_quality_3d
+
+Every method is scored by deepsim_rt.evaluate.study.evaluate_pairs (same pairs, same Dice / Jacobian code; the
+moving labels are warped by OUR nearest-neighbour warp with each method's displacement, ANTs' included). Seconds
+per pair = the registration call only (network + refinement; ANTs: antsRegistration + reading its field back),
+one torch / ITK thread. Writes OUT/results.json, OUT/results.md (the evaluate table + a s/pair column).
+ANTs needs the optional `bench` extra (antspyx); without it the ANTs row is skipped with the reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from deepsim_rt.evaluate.study import (  # noqa: E402
+    evaluate_pairs,
+    load_registration_model,
+    markdown_table,
+    model_register_fn,
+    refine_register_fn,
+    summarize,
+    write_results,
+)
+from deepsim_rt.refine import RefineConfig, load_extractor, model_extractor  # noqa: E402
+from deepsim_rt.train.data import open_source  # noqa: E402
+
+METHODS = ("none", "network", "network+ncc", "network+mse", "network+deepsim_seg", "network+deepsim_ae",
+           "zero+ncc", "zero+deepsim_seg", "ants_syn_cc")
+# ANTs SyN with the CC metric (radius 4, as antspyx's "SyNCC"), deformable only: the pairs are already in one
+# space (synthetic deformations of one template), so no rigid/affine stage; antspyx's default SyN schedule.
+ANTS_KW = {"type_of_transform": "SyNOnly", "syn_metric": "CC", "syn_sampling": 4, "initial_transform": "Identity",
+           "reg_iterations": (40, 20, 0), "random_seed": 1}
+
+
+def ants_register_fn(**overrides):
+    """register(moving (1, 1, *S), fixed) -> displacement (1, ndim, *S) in voxels by ANTs SyN (antspyx).
+
+    Images go to ANTs with unit spacing, zero origin and identity direction, so physical coordinates are voxel
+    indices along the array axes; the forward warp field (fixed -> moving points) is then our displacement.
+    """
+    import ants
+
+    kw = {**ANTS_KW, **overrides}
+
+    def register(moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
+        with tempfile.TemporaryDirectory(prefix="h10_ants_") as tmp:
+            m = ants.from_numpy(moving[0, 0].double().numpy())
+            f = ants.from_numpy(fixed[0, 0].double().numpy())
+            out = ants.registration(f, m, outprefix=os.path.join(tmp, "r_"), **kw)
+            fields = [t for t in out["fwdtransforms"] if t.endswith((".nii.gz", ".nii"))]
+            if len(fields) != 1 or len(out["fwdtransforms"]) != 1:
+                raise ValueError(f"expected one displacement field from SyNOnly, got {out['fwdtransforms']}")
+            u = ants.image_read(fields[0]).numpy()  # (*S, ndim), vector on the last axis
+        return torch.from_numpy(np.ascontiguousarray(np.moveaxis(u, -1, 0))).float()[None]
+
+    return register
+
+
+def _register_fns(method: str, source, model, model_path: str, cfg: RefineConfig):
+    nd = source.ndim
+    if method == "none":
+        return None
+    if method == "network":
+        return model_register_fn(model)
+    if method == "ants_syn_cc":
+        return ants_register_fn()
+    start, loss = method.split("+")
+    c = dataclasses.replace(cfg, loss=loss).resolve(nd)
+    ext = model_extractor(model_path, loss)
+    base = model_register_fn(model) if start == "network" else None
+    return refine_register_fn(c, base, load_extractor(ext, loss) if ext is not None else None)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default="default-2d")
+    p.add_argument("--model", default=None, help="registration checkpoint (default: the bundled one of --data)")
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--max-pairs", type=int, default=0, help="0: all test pairs")
+    p.add_argument("--out", required=True)
+    p.add_argument("--refine", default="", help="RefineConfig overrides, e.g. 'iterations=30,lam=2'")
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    os.environ.setdefault("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "1")
+    source = open_source(args.data)
+    model_path = args.model or f"deepsim_rt/weights/{args.data}/reg.safetensors"
+    model = load_registration_model(model_path, source)
+    overrides = eval(f"dict({args.refine})", {})  # noqa: S307 - a developer's command line
+    cfg = RefineConfig(progress=False, **overrides)
+    rows: dict[str, list[dict]] = {}
+    skipped: dict[str, str] = {}
+    out = Path(args.out)
+    for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
+        if method not in METHODS:
+            raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
+        if method == "ants_syn_cc":
+            try:
+                import ants  # noqa: F401
+            except ImportError as exc:
+                skipped[method] = f"antspyx not installed ({exc}); pip install -e '.[bench]'"
+                continue
+        fn = _register_fns(method, source, model, model_path, cfg)
+        rows[method] = evaluate_pairs(source, fn, "test", args.max_pairs or None, padding=model.cfg.padding)
+        s = summarize(rows[method])
+        print(f"[{args.data}] {method}: Dice fg {s['dice_fg']:.4f} paper {s['dice_paper']:.4f} folding "
+              f"{s['folding']:.4f}% SD log|J| {s['std_log_jac'] or 0:.3f} {s['seconds']:.3f} s/pair", flush=True)
+        # rewrite after every method: a long run stopped midway keeps what it measured
+        write_results(out, rows, extra={"data": args.data, "model": model_path, "skipped": skipped,
+                                        "refine": {k: v for k, v in dataclasses.asdict(cfg.resolve(source.ndim))
+                                                   .items() if k != "extractor"},
+                                        "ants": {k: list(v) if isinstance(v, tuple) else v
+                                                 for k, v in ANTS_KW.items()},
+                                        "torch_threads": torch.get_num_threads(), "cpu": _cpu()})
+    table = markdown_table({m: summarize(r) for m, r in rows.items()})
+    secs = "\n".join(f"| {m} | {summarize(r)['seconds']:.3f} |" for m, r in rows.items())
+    text = table + "\nSeconds per pair (registration call, 1 thread):\n\n| method | s/pair |\n|---|---|\n" + secs + "\n"
+    (out / "results.md").write_text(text)
+    print(text)
+    print(json.dumps({"skipped": skipped}))
+    return 0
+
+
+def _cpu() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

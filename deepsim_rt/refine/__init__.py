@@ -1,0 +1,16 @@
+"""Instance optimisation (`register --refine`): refine a displacement per pair by Adam, coarse to fine.
+
+    from deepsim_rt.refine import RefineConfig, refine
+    res = refine(moving, fixed, init=u_net, config=RefineConfig(iterations=50, loss="ncc"))
+
+Runs on deepsim_rt.kernels (fused Triton ops on CUDA, the PyTorch reference on the CPU) and deepsim_rt.losses.
+The runtime (`Registrator.register(..., refine=RefineConfig(...))`), `deepsim-rt register --refine ITERS` and
+`deepsim-rt evaluate --refine ITERS` call into here; `deepsim_rt.refine.cli.add_refine_arguments` is their options.
+"""
+
+from deepsim_rt.refine.config import DEFAULTS, REFINE_LOSSES, RefineConfig
+from deepsim_rt.refine.optimize import NonFiniteLossError, RefineResult, load_extractor, model_extractor, refine
+from deepsim_rt.refine.pyramid import bending_energy, level_sizes
+
+__all__ = ["RefineConfig", "RefineResult", "refine", "NonFiniteLossError", "load_extractor", "model_extractor",
+           "bending_energy", "level_sizes", "DEFAULTS", "REFINE_LOSSES"]
