@@ -23,7 +23,11 @@ never overwritten, even with --overwrite. A failed write leaves nothing new behi
   PNG inputs -> warped.png (the input's bit depth, rounded and clipped), displacement.npy, warped_labels.png.
   NPY inputs -> warped.npy, displacement.npy, warped_labels.npy.
   displacement.npy is (*S, ndim), vector on the last axis, voxels, as the NIfTI.
-  summary.json: inputs, model, backend, device, timings (s), QC figures and warnings.
+  QC (deepsim_rt.qc): jacobian.nii.gz (NIfTI inputs, fixed affine) or jacobian.npy: det J of p -> p + u(p) per
+  voxel (voxel units; equal to the world-unit determinant); summary.json: inputs, model, backend, device, timings
+  (s), qc (folding_percent, sd_log_jacobian, Jacobian range, displacement mean / p99 / max in voxels and mm), the
+  model's training profile and warnings (inputs far from the training data: voxel size, orientation, intensity
+  range; constant images). Warnings are printed and never stop the registration.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ import os
 import shutil
 import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,6 +98,8 @@ def read_image(path: str | os.PathLike, labels: bool = False) -> ImageFile:
             raise ValueError(f"{path} is not a readable .npy array: {exc}") from exc
         if data.dtype.kind not in "biuf" or data.ndim not in (2, 3):
             raise ValueError(f"{path}: expected a 2D or 3D numeric array, got shape {data.shape} dtype {data.dtype}")
+        if data.dtype.kind == "f" and not np.all(np.isfinite(data)):
+            raise ValueError(f"{path}: contains {int((~np.isfinite(data)).sum())} NaN or Inf values")
         return ImageFile(path, kind, data, disk_shape=tuple(data.shape))
     from PIL import Image, UnidentifiedImageError
 
@@ -258,7 +265,9 @@ def register_pair(reg, pair: Pair) -> PairResult:
         l_arr = _spatial(ImageFile(lab.path, lab.kind, _label_array(lab), disk_shape=lab.disk_shape), nd, "labels")
 
     t0 = time.perf_counter()
-    res = reg.register(m_arr, f_arr, l_arr)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        res = _guard_memory(lambda: reg.register(m_arr, f_arr, l_arr), m_arr.shape, reg.device)
     seconds = time.perf_counter() - t0
 
     vec = np.moveaxis(res.displacement, 0, -1).astype(np.float32)  # (*S, ndim): vector on the last axis
@@ -267,9 +276,56 @@ def register_pair(reg, pair: Pair) -> PairResult:
         "labels": None if pair.labels is None else str(pair.labels.path),
         "model": str(reg.source), "backend": reg.backend_name, "device": str(reg.device),
         "shape": list(m_arr.shape), "timings_s": {"register": seconds},
-        "max_displacement_voxels": float(np.abs(vec).max()), "warnings": list(pair.notes),
+        "max_displacement_voxels": float(np.abs(vec).max()),
+        "warnings": [*pair.notes, *(str(w.message) for w in caught if issubclass(w.category, RuntimeWarning))],
     }
-    return PairResult(_image_outputs(pair, nd, res.warped, vec, res.warped_labels), summary)
+    result = PairResult(_image_outputs(pair, nd, res.warped, vec, res.warped_labels), summary)
+    _add_qc(result, reg, pair, m_arr, f_arr, res.displacement)
+    return result
+
+
+def _guard_memory(fn: Callable[[], Any], shape: tuple[int, ...], device: Any) -> Any:
+    """Run fn; out-of-memory (host or GPU) becomes a one-line ValueError naming the image size and device."""
+    import torch
+
+    try:
+        return fn()
+    except (MemoryError, torch.OutOfMemoryError, RuntimeError) as exc:
+        text = str(exc)
+        if not isinstance(exc, (MemoryError, torch.OutOfMemoryError)) and "alloc" not in text.lower():
+            raise
+        gib = int(np.prod(shape)) * 4 / 2**30
+        raise ValueError(f"out of memory registering a {'x'.join(map(str, shape))} image on {device} "
+                         f"({gib:.2f} GiB per float32 copy; the network needs many copies): use a smaller or "
+                         "resampled image, another device, or free memory") from None
+
+
+def _add_qc(result: PairResult, reg, pair: Pair, m_arr: np.ndarray, f_arr: np.ndarray, u: np.ndarray) -> None:
+    """QC (deepsim_rt.qc): training-data warnings, the Jacobian determinant map and figures into `result`."""
+    from deepsim_rt import qc
+
+    t0 = time.perf_counter()
+    profile = qc.training_profile(reg.source)
+    warn = result.summary["warnings"]
+    # NIfTI inputs run at the model's training spacing when it is recorded (runtime, spacing=): no size warning
+    handled = pair.fixed.kind == "nifti" and getattr(reg, "model_spacing", None) is not None
+    for role, img, arr in (("moving", pair.moving, m_arr), ("fixed", pair.fixed, f_arr)):
+        warn += qc.input_warnings(role, arr, profile, img.affine, img.path, spacing_handled=handled)
+    result.summary["training_profile"] = profile.as_dict()
+    if min(u.shape[1:]) < 2:
+        warn.append(f"no Jacobian map: a spatial size below 2 in {list(u.shape[1:])}")
+        return
+    det, stats = qc.displacement_qc(u, pair.fixed.affine)
+    result.summary["qc"] = stats
+    fix = pair.fixed
+    if fix.kind == "nifti":
+        from deepsim_rt.data.nifti import save_nifti
+
+        result.files["jacobian.nii.gz"] = lambda p: save_nifti(p, det.reshape(fix.disk_shape), fix.affine,
+                                                                fix.header)
+    else:
+        result.files["jacobian.npy"] = lambda p: _save_npy(p, det)
+    result.summary["timings_s"]["qc"] = time.perf_counter() - t0
 
 
 def _image_outputs(pair: Pair, nd: int, warped: np.ndarray, vec: np.ndarray,

@@ -56,9 +56,12 @@ def load_nifti(path: str | os.PathLike, allow_2d: bool = False):
         raise ValueError(f"{p} is not a readable NIfTI file ({type(exc).__name__}: {exc})") from exc
     if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
         raise ValueError(f"{p} is a {type(img).__name__}, expected a NIfTI-1/2 image")
+    _check_data_size(p, img)
     try:
         # Reading the data is where truncation shows (the header parses fine): force it here.
         data = np.asarray(img.get_fdata(dtype=np.float32))
+    except MemoryError:
+        raise ValueError(f"{p}: not enough memory to read the image data: {_size_text(img)}") from None
     except Exception as exc:  # EOFError, OSError, ValueError ('buffer is too small'), zlib.error, ...
         raise ValueError(f"{p}: image data is corrupt or truncated ({type(exc).__name__}: {exc})") from exc
     while data.ndim > 3 and data.shape[-1] == 1:
@@ -77,6 +80,48 @@ def load_nifti(path: str | os.PathLike, allow_2d: bool = False):
     if not np.all(np.isfinite(data)):
         raise ValueError(f"{p}: image data contains NaN or Inf")
     return data, affine, img.header
+
+
+def _data_bytes(img) -> tuple[int, int]:
+    """(bytes of the data as stored, bytes of the float32 array load_nifti returns) per the header."""
+    n = int(np.prod([int(v) for v in img.header.get_data_shape()], dtype=np.float64))
+    return n * np.dtype(img.header.get_data_dtype()).itemsize, n * 4
+
+
+def _size_text(img) -> str:
+    stored, out = _data_bytes(img)
+    shape = "x".join(str(int(v)) for v in img.header.get_data_shape())
+    return (f"the header claims {shape} {np.dtype(img.header.get_data_dtype())} voxels, which need "
+            f"{(stored + out) / 2**30:.1f} GiB to read ({stored / 2**30:.1f} GiB stored + {out / 2**30:.1f} GiB as "
+            "float32)")
+
+
+def _available_memory() -> int | None:
+    """MemAvailable from /proc/meminfo in bytes (Linux), else None (no check)."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def _check_data_size(p: Path, img) -> None:
+    """Refuse, before reading, data the header describes but the file (uncompressed) or memory cannot hold: a
+    wrong header must say so, not fail inside numpy with an empty MemoryError."""
+    stored, out = _data_bytes(img)
+    if _nifti_suffix(p) == ".nii":
+        offset = int(getattr(img.dataobj, "offset", 0))
+        size = p.stat().st_size
+        if size < offset + stored:
+            raise ValueError(f"{p}: image data is corrupt or truncated: {_size_text(img)}, but the file holds only "
+                             f"{max(size - offset, 0)} bytes of data")
+    avail = _available_memory()
+    if avail is not None and stored + out > avail:
+        raise ValueError(f"{p}: {_size_text(img)}, more than the {avail / 2**30:.1f} GiB of memory available "
+                         "(a wrong header, or an image too large for this machine)")
 
 
 def save_nifti(path: str | os.PathLike, array, affine, header=None) -> Path:

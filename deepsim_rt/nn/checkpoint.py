@@ -110,6 +110,10 @@ def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"
         if tensor.shape != expected[key].shape:
             raise ValueError(f"{str(path)!r}: tensor {key!r} has shape {tuple(tensor.shape)}, the config expects "
                              f"{tuple(expected[key].shape)}")
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            # say it here: otherwise the first symptom is a NaN flow far from the cause
+            raise ValueError(f"{str(path)!r}: weight {key!r} contains NaN or Inf values (a diverged or damaged "
+                             "checkpoint)")
     model.load_state_dict(state, strict=True)
     return model.to(map_location).eval()
 
