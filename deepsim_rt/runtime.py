@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -236,9 +237,17 @@ class EagerBackend:
 def _resolve_device(device: str | torch.device | None) -> torch.device:
     if device is None or device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:<index>', got {str(device)!r}")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {str(device)!r} requested but CUDA is not available here")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"device {str(device)!r} requested but only {torch.cuda.device_count()} CUDA device(s) "
+                         "are visible")
     return dev
 
 
@@ -373,10 +382,21 @@ class Registrator:
             if labels_b.shape[0] != m_b.shape[0] or labels_b.shape[2:] != m_b.shape[2:] or l_added != added:
                 raise ValueError(f"moving_labels must be shaped like moving with one channel: moving "
                                  f"{tuple(m_t.shape)}, labels {tuple(l_t.shape)}")
+            if labels_b.is_floating_point():
+                # Same rule as the CLI: float labels must hold integers (they come back in their own dtype).
+                if not bool((torch.isfinite(labels_b) & (labels_b == labels_b.round())).all()):
+                    raise ValueError(f"moving_labels must be integer-valued, got non-integer or non-finite values "
+                                     f"in a {labels_b.dtype} array")
+                labels_b = labels_b.to(torch.int64)
             labels_b = labels_b.to(self.device)
 
         mov_n, lo, scale = minmax_normalize(m_b)
-        fix_n, _, _ = minmax_normalize(f_b)
+        fix_n, _, f_scale = minmax_normalize(f_b)
+        for name, x, s in (("moving", m_b, scale), ("fixed", f_b, f_scale)):
+            if bool((s == 0).any()):
+                # min-max maps a constant image to all zeros: the network still returns a (meaningless) field
+                warnings.warn(f"{name} image is constant (every voxel {float(x.flatten()[0]):g}): there is nothing "
+                              "to register, the displacement is not meaningful", RuntimeWarning, stacklevel=2)
         pad_mode = "replicate" if cfg.padding == "border" else "zeros"
         mov_p, pads = pad_to_multiple(mov_n, cfg.spatial_multiple, pad_mode)
         fix_p, _ = pad_to_multiple(fix_n, cfg.spatial_multiple, pad_mode)
