@@ -294,9 +294,9 @@ def _guard_memory(fn: Callable[[], Any], shape: tuple[int, ...], device: Any) ->
         text = str(exc)
         if not isinstance(exc, (MemoryError, torch.OutOfMemoryError)) and "alloc" not in text.lower():
             raise
-        gib = int(np.prod(shape)) * 4 / 2**30
+        mib = int(np.prod(shape)) * 4 / 2**20
         raise ValueError(f"out of memory registering a {'x'.join(map(str, shape))} image on {device} "
-                         f"({gib:.2f} GiB per float32 copy; the network needs many copies): use a smaller or "
+                         f"({mib:.0f} MiB per float32 copy; the network holds dozens): use a smaller or "
                          "resampled image, another device, or free memory") from None
 
 

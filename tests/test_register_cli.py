@@ -134,3 +134,212 @@ def test_bad_inputs_write_nothing(pair3d, models, capsys):
     _fails([*base, "--moving", str(d / "trunc.nii.gz"), "--fixed", str(d / "f.nii.gz")], capsys, "trunc.nii.gz")
     _fails([*base, "--moving", str(d / "m.txt"), "--fixed", str(d / "f.nii.gz")], capsys, "unsupported file type")
     assert not out.exists()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Issue 11: all-or-nothing outputs (defects 3, 4), 2D single slices (6), labels (7), constant images (9),
+# messages (10, 12)
+# ----------------------------------------------------------------------------------------------------------------
+def _reg_args(d, models, out, *extra):
+    return ["register", "--moving", str(d / "m.nii.gz"), "--fixed", str(d / "f.nii.gz"), "--out", str(out),
+            "--model", str(models[3]), "--device", "cpu", *extra]
+
+
+def _one_line_error(rc, text, match):
+    assert rc == 2 and match in text and text.count("\n") == 1 and "Traceback" not in text, text
+
+
+def test_existing_outputs_refused_and_inputs_never_overwritten(pair3d, models, run_cli):
+    d = pair3d[0]
+    out = d / "o"
+    rc, text = run_cli(*_reg_args(d, models, out))
+    assert rc == 0, text
+    names = {p.name for p in out.iterdir()}
+    assert {"warped.nii.gz", "displacement.nii.gz", "jacobian.nii.gz", "summary.json"} <= names
+    assert not [n for n in names if n.startswith(".")]  # the temporary folder is gone
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    rc, text = run_cli(*_reg_args(d, models, out))
+    _one_line_error(rc, text, "already exist")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # untouched, nothing added
+    rc, text = run_cli(*_reg_args(d, models, out, "--overwrite"))
+    assert rc == 0, text
+    # its own earlier output as the input, written into the same folder: refused even with --overwrite
+    warped = out / "warped.nii.gz"
+    data = warped.read_bytes()
+    rc, text = run_cli("register", "--moving", str(warped), "--fixed", str(d / "f.nii.gz"), "--out", str(out),
+                       "--model", str(models[3]), "--device", "cpu", "--overwrite")
+    _one_line_error(rc, text, "it is an input")
+    assert warped.read_bytes() == data
+    # also through another spelling of the same folder, and for the fixed image
+    rc, text = run_cli("register", "--moving", str(d / "m.nii.gz"), "--fixed", str(warped), "--out",
+                       str(out / ".." / "o"), "--model", str(models[3]), "--device", "cpu", "--overwrite")
+    _one_line_error(rc, text, "it is an input")
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary folder left
+
+
+def test_write_failures_are_one_line_and_leave_nothing(pair3d, models, run_cli):
+    d = pair3d[0]
+    (d / "afile").write_text("x")
+    rc, text = run_cli(*_reg_args(d, models, d / "afile" / "sub"))
+    _one_line_error(rc, text, "afile")
+    rc, text = run_cli(*_reg_args(d, models, d / "afile"))
+    _one_line_error(rc, text, "is not a folder")
+    (d / "o2" / "warped.nii.gz").mkdir(parents=True)  # the IsADirectoryError of the report
+    rc, text = run_cli(*_reg_args(d, models, d / "o2", "--overwrite"))
+    _one_line_error(rc, text, "is a folder")
+    assert [p.name for p in (d / "o2").iterdir()] == ["warped.nii.gz"]
+    rc, text = run_cli(*_reg_args(d, models, d / "o3", "--device", "tpu"))
+    _one_line_error(rc, text, "'tpu'")
+    assert not (d / "o3").exists()
+
+
+def test_commit_files_all_or_nothing(tmp_path):
+    from deepsim_rt.register_cli import commit_files
+
+    def text(s):
+        return lambda p: p.write_text(s)
+
+    def disk_full(p):
+        p.write_text("partial")
+        raise OSError(28, "No space left on device", str(p))
+
+    out = tmp_path / "new" / "deeper"
+    with pytest.raises(ValueError, match=r"^cannot write .*/c\.txt: No space left on device$"):
+        commit_files(out, {"a.txt": text("a"), "b.txt": text("b"), "c.txt": disk_full})
+    assert not (tmp_path / "new").exists()  # folders it created are gone too
+    assert commit_files(out, {"a.txt": text("a"), "b.txt": text("b")}) == [out / "a.txt", out / "b.txt"]
+    # a failure while moving into place (b.txt cannot replace a folder... refused up front) or writing: the old
+    # files stay as they were, with --overwrite too
+    with pytest.raises(ValueError, match="No space left"):
+        commit_files(out, {"a.txt": text("A"), "b.txt": disk_full}, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == ["a.txt", "b.txt"]
+    assert (out / "a.txt").read_text() == "a" and (out / "b.txt").read_text() == "b"
+    commit_files(out, {"a.txt": text("A"), "b.txt": text("B")}, overwrite=True)
+    assert (out / "a.txt").read_text() == "A" and (out / "b.txt").read_text() == "B"
+    with pytest.raises(ValueError, match="it is an input"):
+        commit_files(out, {"a.txt": text("x")}, protected=[out / "a.txt"], overwrite=True)
+
+
+def test_single_slice_nifti_goes_to_the_2d_model(tmp_path, run_cli):
+    g = np.random.default_rng(4)
+    aff = np.diag([2.0, 2.0, 2.0, 1.0])
+    for name in ("m", "f"):
+        nib.save(nib.Nifti1Image((g.random((30, 26, 1)) * 100).astype(np.float32), aff), str(tmp_path / f"{name}.nii"))
+    rc, text = run_cli("register", "--moving", str(tmp_path / "m.nii"), "--fixed", str(tmp_path / "f.nii"), "--out",
+                       str(tmp_path / "o"), "--device", "cpu")
+    assert rc == 0, text
+    import json
+
+    summary = json.loads((tmp_path / "o" / "summary.json").read_text())
+    assert summary["model"].endswith("default-2d/reg.safetensors") and summary["shape"] == [30, 26]
+    disp = nib.load(str(tmp_path / "o" / "displacement.nii.gz"))
+    assert disp.shape == (30, 26, 1, 2)
+
+
+def test_api_labels_agree_with_cli(models):
+    reg = Registrator.load(models[2], device="cpu")
+    g = np.random.default_rng(5)
+    mov, fix = g.random((19, 21)).astype(np.float32), g.random((19, 21)).astype(np.float32)
+    lab = g.integers(0, 4, (19, 21))
+    with pytest.raises(ValueError, match="integer-valued") as exc:
+        reg.register(mov, fix, lab + 0.5)
+    assert "\n" not in str(exc.value)
+    ref = reg.register(mov, fix, lab.astype(np.int64)).warped_labels
+    out = reg.register(mov, fix, lab.astype(np.float64)).warped_labels
+    assert out.dtype == np.float64
+    np.testing.assert_array_equal(out, ref.astype(np.float64))
+
+
+def test_constant_images_warn(pair3d, models, run_cli):
+    d, mov, fix, lab, aff = pair3d
+    reg = Registrator.load(models[3], device="cpu")
+    with pytest.warns(RuntimeWarning, match="moving image is constant"):
+        reg.register(np.zeros_like(mov), fix)
+    with pytest.warns(RuntimeWarning, match=r"fixed image is constant \(every voxel 7\)"):
+        reg.register(mov, np.full_like(fix, 7.0))
+    _write(d / "zero.nii.gz", np.zeros_like(mov), aff)
+    rc, text = run_cli("register", "--moving", str(d / "zero.nii.gz"), "--fixed", str(d / "f.nii.gz"), "--out",
+                       str(d / "oz"), "--model", str(models[3]), "--device", "cpu")
+    assert rc == 0 and "warning: moving image is constant" in text, text
+    import json
+
+    assert any("constant" in w for w in json.loads((d / "oz" / "summary.json").read_text())["warnings"])
+
+
+def test_clear_messages(tmp_path, models, run_cli):
+    import gzip
+
+    bad = np.random.default_rng(6).random((12, 10)).astype(np.float32)
+    bad[3, 4] = np.nan
+    np.save(tmp_path / "nan.npy", bad)
+    np.save(tmp_path / "ok.npy", np.ones((12, 10), np.float32))
+    rc, text = run_cli("register", "--moving", str(tmp_path / "nan.npy"), "--fixed", str(tmp_path / "ok.npy"),
+                       "--out", str(tmp_path / "o"), "--model", str(models[2]))
+    _one_line_error(rc, text, "nan.npy: contains 1 NaN or Inf values")
+    # a header claiming 2000^3 int16 voxels over a few bytes of data
+    hdr = nib.Nifti1Header()
+    hdr.set_data_shape((2000, 2000, 2000))
+    hdr.set_data_dtype(np.int16)
+    hdr["vox_offset"] = 352
+    raw = hdr.binaryblock + b"\0" * 4 + np.zeros(500, np.int16).tobytes()
+    (tmp_path / "huge.nii").write_bytes(raw)
+    (tmp_path / "huge.nii.gz").write_bytes(gzip.compress(raw))
+    from deepsim_rt.data.nifti import load_nifti
+
+    with pytest.raises(ValueError, match=r"huge\.nii: .*2000x2000x2000 int16 voxels, which need 44\.7 GiB.*holds "
+                                         r"only 1000 bytes"):
+        load_nifti(tmp_path / "huge.nii")
+    with pytest.raises(ValueError, match=r"huge\.nii\.gz: the header claims 2000x2000x2000 int16 voxels, which need "
+                                         r"44\.7 GiB to read"):
+        load_nifti(tmp_path / "huge.nii.gz")  # more than this machine's memory (checked before reading)
+    # NaN weights are named at load, not as a NaN flow later
+    from safetensors.torch import load_file, save_file
+
+    from deepsim_rt.nn.checkpoint import load_model, read_metadata
+
+    state = load_file(str(models[2]))
+    key = next(k for k, v in state.items() if v.is_floating_point() and v.numel() > 1)
+    state[key][0] = float("nan")
+    save_file(state, str(tmp_path / "nan.safetensors"), metadata=read_metadata(models[2]))
+    with pytest.raises(ValueError, match=rf"weight '{key}' contains NaN or Inf values"):
+        load_model(tmp_path / "nan.safetensors")
+    rc, text = run_cli("evaluate", "--max-pairs", "-3", "--out", str(tmp_path / "ev"))
+    _one_line_error(rc, text, "--max-pairs must be >= 0")
+    assert not (tmp_path / "ev").exists()
+
+
+_OOM_SCRIPT = """
+import resource, sys
+import numpy as np
+from deepsim_rt.cli import main
+from deepsim_rt import qc, runtime  # noqa: F401  (imported before the cap)
+import torch  # noqa: F401
+
+def vm():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmSize"):
+            return int(line.split()[1]) * 1024
+
+resource.setrlimit(resource.RLIMIT_AS, (vm() + 200 * 2**20, resource.RLIM_INFINITY))
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow  # a subprocess importing torch: 23 s under load, ~8 s idle
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/status"), reason="needs Linux /proc for RLIMIT_AS")
+def test_out_of_memory_is_one_line_and_writes_nothing(tmp_path, models):
+    import subprocess
+    import sys
+
+    g = np.random.default_rng(7)
+    for name in ("m", "f"):
+        np.save(tmp_path / f"{name}.npy", g.random((160, 160, 160), dtype=np.float32))
+    (tmp_path / "oom.py").write_text(_OOM_SCRIPT)
+    proc = subprocess.run([sys.executable, str(tmp_path / "oom.py"), "register", "--moving", str(tmp_path / "m.npy"),
+                           "--fixed", str(tmp_path / "f.npy"), "--out", str(tmp_path / "o"), "--model", str(models[3]),
+                           "--device", "cpu"], capture_output=True, text=True, timeout=300,
+                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("\n") == 1 and "out of memory registering a 160x160x160 image on cpu (16 MiB" in \
+        proc.stderr, proc.stderr
+    assert not (tmp_path / "o").exists()
