@@ -1,0 +1,103 @@
+"""The world-space steps around a registration of images with affines (NIfTI), for `deepsim-rt register`.
+
+    prep = prepare_pair(moving, moving_affine, fixed, fixed_affine, affine="rigid"|"affine"|None)
+    res = registrator.register(prep.moving_on_fixed, fixed, spacing=prep.fixed.spacing, ...)
+    out = prep.finish(res.displacement, moving, labels, label_mode, padding)   # when prep.resampled
+
+1. Grids: moving goes onto the fixed grid through the two affines (linear, zeros outside its field of view) when
+   the grids differ, or through the pre-alignment W (fixed world -> moving world) with `affine`.
+2. The network registers that image to fixed (the runtime handles the model's spacing).
+3. finish(): the network's displacement is composed with W into one fixed-voxel displacement u (voxel form, see
+   transforms.itk), and the ORIGINAL moving image and labels are sampled once at A_m^-1 A_f (p + u(p)): no
+   double interpolation, and `transform_itk.nii.gz` reproduces warped.nii.gz in ANTs / ITK.
+`facts` is the JSON-ready record of what was done (for summary.json).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from deepsim_rt.transforms.compose import compose_world, source_coords
+from deepsim_rt.transforms.grid import Grid, same_grid
+from deepsim_rt.transforms.resample import resample_to_grid, sample, sample_labels
+
+__all__ = ["PreparedPair", "prepare_pair", "register_world"]
+
+
+@dataclass
+class PreparedPair:
+    """Grids of a pair and the moving image as the network sees it (on the fixed grid)."""
+
+    moving: Grid
+    fixed: Grid
+    moving_on_fixed: np.ndarray  # (*fixed.shape) float32
+    world: np.ndarray | None     # fixed world -> moving world (mm), None: identity
+    facts: dict = field(default_factory=dict)
+
+    @property
+    def resampled(self) -> bool:
+        """True when moving was resampled (other grid or a pre-alignment): finish() must produce the outputs."""
+        return self.world is not None or not same_grid(self.moving, self.fixed)
+
+    def compose(self, u_net: np.ndarray) -> np.ndarray:
+        """Network displacement (nd, *S) -> composed fixed-voxel displacement (nd, *S) (transforms.compose)."""
+        u = torch.from_numpy(np.ascontiguousarray(u_net, dtype=np.float32))[None]
+        return compose_world(u, self.fixed, self.world)[0].numpy().astype(np.float32)
+
+    def finish(self, u: np.ndarray, moving: np.ndarray, labels: np.ndarray | None, label_mode: str,
+               padding: str) -> tuple[np.ndarray, np.ndarray | None]:
+        """Sample the original moving image (linear) and labels (label_mode) once through the composed
+        displacement u (nd, *S) (from `compose`); returns (warped float32, warped labels in their dtype)."""
+        q = source_coords(torch.from_numpy(u)[None], self.fixed, self.moving)
+        warped = sample(torch.from_numpy(np.ascontiguousarray(moving, dtype=np.float32))[None, None], q, "linear",
+                        padding)[0, 0].numpy()
+        wl = None
+        if labels is not None:
+            lab = torch.from_numpy(np.ascontiguousarray(labels).astype(np.int64))[None, None]
+            wl = sample_labels(lab, q, label_mode, padding)[0, 0].numpy().astype(labels.dtype)
+        return warped, wl
+
+
+def prepare_pair(moving: np.ndarray, moving_affine: np.ndarray, fixed: np.ndarray, fixed_affine: np.ndarray,
+                 affine: str | None = None, names: tuple[str, str] = ("moving", "fixed")) -> PreparedPair:
+    """Grids of moving (*S_m) and fixed (*S_f) from their NIfTI affines (degenerate affines: ValueError), the
+    optional pre-alignment ("rigid" | "affine", transforms.affine), and moving resampled onto the fixed grid."""
+    nd = fixed.ndim
+    mg = Grid.of(moving.shape, moving_affine, names[0])
+    fg = Grid.of(fixed.shape, fixed_affine, names[1])
+    if mg.ndim != fg.ndim:
+        raise ValueError(f"moving is {mg.ndim}D and fixed is {fg.ndim}D; give two {nd}D images")
+    facts: dict = {"moving_grid": mg.as_dict(), "fixed_grid": fg.as_dict(), "affine": None}
+    world = None
+    if affine is not None:
+        from deepsim_rt.transforms.affine import affine_align
+
+        world, facts["affine"] = affine_align(torch.from_numpy(np.asarray(moving, np.float32)), mg,
+                                              torch.from_numpy(np.asarray(fixed, np.float32)), fg, kind=affine)
+    prep = PreparedPair(mg, fg, np.asarray(moving, dtype=np.float32), world, facts)
+    facts["moving_resampled_to_fixed_grid"] = prep.resampled
+    if prep.resampled:
+        img = torch.from_numpy(np.ascontiguousarray(moving, dtype=np.float32))[None, None]
+        prep.moving_on_fixed = resample_to_grid(img, mg, fg, "linear", "zeros", world=world)[0, 0].numpy()
+    return prep
+
+
+def register_world(register, moving: np.ndarray, moving_affine: np.ndarray, fixed: np.ndarray,
+                   fixed_affine: np.ndarray, labels: np.ndarray | None = None, affine: str | None = None,
+                   label_mode: str = "nearest", names: tuple[str, str] = ("moving", "fixed")):
+    """The whole world-space registration of a NIfTI pair (module docstring).
+
+    register(moving_on_fixed, fixed, labels_or_None, spacing_mm) -> a runtime RegistrationResult (numpy form),
+    e.g. a Registrator.register call. Returns (warped (*S_f) float32, u (nd, *S_f) composed fixed-voxel
+    displacement, warped labels or None, facts: grids, pre-alignment, what the network ran at)."""
+    prep = prepare_pair(moving, moving_affine, fixed, fixed_affine, affine, names)
+    res = register(prep.moving_on_fixed, fixed, None if prep.resampled else labels, prep.fixed.spacing)
+    u = prep.compose(res.displacement)
+    if prep.resampled:
+        warped, warped_labels = prep.finish(u, moving, labels, label_mode, "zeros")
+    else:
+        warped, warped_labels = res.warped, res.warped_labels
+    return warped, u, warped_labels, {**prep.facts, "network": res.scale}
