@@ -6,11 +6,14 @@ machine without Triton still imports `deepsim_rt.kernels` and runs the reference
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
 
-__all__ = ["launch", "acc_dtype", "tl_acc", "check_launch_device", "cdiv", "cast_out", "emulate_rtne", "triton", "tl"]
+__all__ = ["launch", "launch_device", "acc_dtype", "tl_acc", "check_launch_device", "cdiv", "cast_out", "emulate_rtne",
+           "triton", "tl"]
 
 
 def cdiv(a: int, b: int) -> int:
@@ -29,7 +32,16 @@ def launch(kernel, grid, *args, **kwargs) -> None:
         runner = torch.library.wrap_triton(kernel)
     except RuntimeError:
         runner = kernel
-    runner[grid](*args, **kwargs)
+    device = launch_device(args)
+    # Triton launches on the CURRENT device and stream: a tensor on cuda:1 while cuda:0 is current would be read
+    # by a kernel running on cuda:0 (an illegal address, or silently wrong with peer access).
+    with torch.cuda.device(device) if device is not None else contextlib.nullcontext():
+        runner[grid](*args, **kwargs)
+
+
+def launch_device(args) -> torch.device | None:
+    """The CUDA device of the first CUDA tensor among `args` (None when none is on CUDA: interpreter / CPU)."""
+    return next((a.device for a in args if isinstance(a, torch.Tensor) and a.device.type == "cuda"), None)
 
 
 def acc_dtype(*dtypes: torch.dtype) -> torch.dtype:

@@ -71,10 +71,15 @@ def _sqrt(x, ACC: tl.constexpr):
 @triton.jit
 def _cos_stats(a_ptr, b_ptr, C, sC, base, offs_p, pmask, sP, ACC: tl.constexpr, BLOCK_C: tl.constexpr,
                BLOCK_P: tl.constexpr):
-    """Per-voxel <a, b>, |a|^2, |b|^2 over all channels, accumulated in ACC."""
-    dot = tl.zeros((BLOCK_P,), dtype=ACC)
-    na2 = tl.zeros((BLOCK_P,), dtype=ACC)
-    nb2 = tl.zeros((BLOCK_P,), dtype=ACC)
+    """Per-voxel <a, b>, |a|^2, |b|^2 over all channels, accumulated in ACC.
+
+    Accumulates [BLOCK_C, BLOCK_P] tiles elementwise and reduces over the channel axis ONCE after the loop: a
+    reduction inside the loop cost three cross-warp reductions (shared memory + barriers) per 4-channel step, and
+    92 registers per thread in bf16 (48 with the tile; benchmarks/gpu_static.py).
+    """
+    dot = tl.zeros((BLOCK_C, BLOCK_P), dtype=ACC)
+    na2 = tl.zeros((BLOCK_C, BLOCK_P), dtype=ACC)
+    nb2 = tl.zeros((BLOCK_C, BLOCK_P), dtype=ACC)
     # int64 voxel offsets: with channels-last strides (sP = C) a 3D brain level reaches 7e6 x 64 > 2**31 / 8.
     poff = offs_p.to(tl.int64) * sP
     for c0 in range(0, C, BLOCK_C):
@@ -83,10 +88,10 @@ def _cos_stats(a_ptr, b_ptr, C, sC, base, offs_p, pmask, sP, ACC: tl.constexpr, 
         off = base + offs_c[:, None].to(tl.int64) * sC + poff[None, :]
         a = tl.load(a_ptr + off, mask=m, other=0.0).to(ACC)
         b = tl.load(b_ptr + off, mask=m, other=0.0).to(ACC)
-        dot += tl.sum(a * b, axis=0)
-        na2 += tl.sum(a * a, axis=0)
-        nb2 += tl.sum(b * b, axis=0)
-    return dot, na2, nb2
+        dot += a * b
+        na2 += a * a
+        nb2 += b * b
+    return tl.sum(dot, axis=0), tl.sum(na2, axis=0), tl.sum(nb2, axis=0)
 
 
 @triton.jit
@@ -297,8 +302,16 @@ def _prepare(feats_a, feats_b, reduction: str, eps: float):
     return levels, acc, eps
 
 
-def _chunks(n: int):
-    return [range(s, min(s + MAX_LEVELS, n)) for s in range(0, n, MAX_LEVELS)]
+def _schedule(levels) -> list[list[int]]:
+    """Level indices per launch (at most MAX_LEVELS each), the levels with the most channels first.
+
+    Program ids run level after level and the GPU starts them roughly in id order; a program's work is BLOCK_P x C
+    loads, so the coarsest level (128 channels, fewest programs, the longest ones) placed last left a tail of a
+    few long programs on an otherwise idle GPU. Placed first, the short programs of the fine levels fill in
+    behind it. The order is fixed by the channel counts, so the reduction stays deterministic.
+    """
+    order = sorted(range(len(levels)), key=lambda i: -levels[i][3])
+    return [order[s:s + MAX_LEVELS] for s in range(0, len(order), MAX_LEVELS)]
 
 
 def cosine_fwd(feats_a: Sequence[torch.Tensor], feats_b: Sequence[torch.Tensor], eps: float = DEFAULT_EPS,
@@ -320,7 +333,7 @@ def cosine_fwd(feats_a: Sequence[torch.Tensor], feats_b: Sequence[torch.Tensor],
     # so wrap_triton's mutation analysis can never mistake an input for an output.
     dummy = torch.empty(0, device=device, dtype=acc)
     start = 0
-    for chunk in _chunks(n_levels):
+    for chunk in _schedule(levels):
         args = []
         stop = 0
         for i in range(MAX_LEVELS):
@@ -373,7 +386,7 @@ def cosine_bwd(feats_a: Sequence[torch.Tensor], feats_b: Sequence[torch.Tensor],
     grads_b = [torch.empty(fb.shape, device=device, dtype=fb.dtype) for fb in feats_b] if need_b else None
     if not (need_a or need_b):
         return None, None
-    for chunk in _chunks(n_levels):
+    for chunk in _schedule(levels):
         args = []
         stop = 0
         for i in range(MAX_LEVELS):

@@ -9,7 +9,8 @@ Backward: only the velocity is saved; the backward recomputes u_0 .. u_{steps-1}
 backward itself) and walks them in reverse. For one step, with g the gradient of u_{k+1}:
     g_k = g + grad_image(warp)(g) + grad_flow(warp)(g)
 because u_k is the identity term, the warped image AND the displacement: the image-role gradient is the atomic
-scatter, the flow-role gradient the per-voxel term, both from one warp backward launch.
+scatter, the flow-role gradient the per-voxel term; `warp_self_bwd` adds all three into one zero-filled buffer in
+one launch (no displacement-gradient temporary, no separate additions).
 Memory held between forward and backward: the velocity only (a field); during the backward: steps fields.
 """
 
@@ -19,7 +20,7 @@ import torch
 
 from deepsim_rt.kernels._triton_common import acc_dtype, check_launch_device
 from deepsim_rt.kernels.reference import DEFAULT_STEPS, check_integrate_inputs
-from deepsim_rt.kernels.warp_kernel import warp_bwd, warp_fwd
+from deepsim_rt.kernels.warp_kernel import warp_fwd, warp_self_bwd
 
 __all__ = ["integrate_fwd", "integrate_bwd", "IntegrateFunction", "integrate", "check_integrate_inputs"]
 
@@ -49,12 +50,12 @@ def integrate_bwd(grad: torch.Tensor, velocity: torch.Tensor, steps: int = DEFAU
     if tuple(grad.shape) != tuple(velocity.shape):
         raise ValueError(f"grad must have the velocity's shape {tuple(velocity.shape)}, got {tuple(grad.shape)}")
     _, us = _trajectory(velocity, steps, padding, keep=True)
-    # The running gradient stays fp32 for bf16/fp16 fields (7 rounded additions would cost ~3 bits otherwise).
-    g = grad.to(acc_dtype(velocity.dtype))
+    # The running gradient stays fp32 for bf16/fp16 fields (7 rounded additions would cost ~3 bits otherwise);
+    # warp_self_bwd returns it in that dtype, one launch and one zero-filled buffer per step.
+    g = grad
     for u in reversed(us):
-        gi, gf = warp_bwd(g, u, u, "linear", padding, need_image=True, need_flow=True)
-        g = g + gi + gf
-    return (g / (2.0**steps)).to(velocity.dtype)
+        g = warp_self_bwd(g, u, padding)
+    return (g.to(acc_dtype(velocity.dtype)) / (2.0**steps)).to(velocity.dtype)
 
 
 class IntegrateFunction(torch.autograd.Function):

@@ -38,11 +38,16 @@ from deepsim_rt.kernels._triton_common import (
 )
 from deepsim_rt.kernels.reference import check_warp_inputs
 
-__all__ = ["warp_fwd", "warp_bwd", "WarpFunction", "warp"]
+__all__ = ["warp_fwd", "warp_bwd", "warp_self_bwd", "WarpFunction", "warp"]
 
 # 256 voxels per program (2 per thread with 4 warps): 8 gathers x C channels in flight per thread, and
 # 27k programs for a 160x192x224 volume, > 200 waves on 132 SMs. Untuned on a GPU yet.
 BLOCK = 256
+# Backward: 8 warps = ONE voxel per thread. With 2 per thread (4 warps) and every dim a multiple of 16 (a brain
+# volume), the loads vectorise by 2 while the atomics cannot, so each channel step converted layouts through
+# shared memory (24 conversions, 47 barriers) and the integrate backward took 184 registers (sm_90, triton 3.9);
+# benchmarks/gpu_static.py measures the figure this setting gives.
+BWD_WARPS = 8
 # Gather kernel (deterministic image gradient): one lane per destination voxel.
 BLOCK_GATHER = 256
 
@@ -109,9 +114,14 @@ def _pick(k: tl.constexpr, a, b):
 
 
 @triton.jit
-def _voxel_setup(flow_ptr, D, H, W, s_fb, s_fc, s_fd, s_fh, s_fw, NDIM: tl.constexpr, COMPUTE: tl.constexpr,
-                 BLOCK: tl.constexpr):
-    """This program's voxels: flat offsets, mask, (d, h, w) indices, and the displacement per axis."""
+def _voxel_setup(D, H, W, s_fb, s_fd, s_fh, s_fw, BLOCK: tl.constexpr):
+    """This program's voxels: flat offsets, mask, (d, h, w) indices, and the flow's element offset per voxel.
+
+    Takes no pointer on purpose: torch's mutation analysis (triton_op / torch.compile / AOTInductor) follows a
+    store address back through every argument of a called function, so a flow_ptr passed in here made the flow
+    count as written in every warp kernel (and cloned before every compiled launch). The kernels load the flow
+    themselves at these offsets (flow channel i = spatial axis i).
+    """
     pid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     N = D * H * W
@@ -121,16 +131,8 @@ def _voxel_setup(flow_ptr, D, H, W, s_fb, s_fc, s_fd, s_fh, s_fw, NDIM: tl.const
     t = offs // W
     hi = t % H
     di = t // H
-    fb = flow_ptr + b * s_fb + di * s_fd + hi * s_fh + wi * s_fw
-    if NDIM == 3:
-        ud = tl.load(fb, mask=pm, other=0.0).to(COMPUTE)
-        uh = tl.load(fb + s_fc, mask=pm, other=0.0).to(COMPUTE)
-        uw = tl.load(fb + 2 * s_fc, mask=pm, other=0.0).to(COMPUTE)
-    else:
-        ud = tl.zeros((BLOCK,), COMPUTE)
-        uh = tl.load(fb, mask=pm, other=0.0).to(COMPUTE)
-        uw = tl.load(fb + s_fc, mask=pm, other=0.0).to(COMPUTE)
-    return b, N, offs, pm, di, hi, wi, ud, uh, uw
+    foff = b * s_fb + di * s_fd + hi * s_fh + wi * s_fw
+    return b, N, offs, pm, di, hi, wi, foff
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -142,8 +144,11 @@ def _warp_fwd_kernel(img_ptr, flow_ptr, out_ptr, C, D, H, W,
                      s_fb, s_fc, s_fd, s_fh, s_fw,
                      NDIM: tl.constexpr, BORDER: tl.constexpr, NEAREST: tl.constexpr, ADD_SELF: tl.constexpr,
                      COMPUTE: tl.constexpr, BLOCK: tl.constexpr, EMULATE_RTNE: tl.constexpr):
-    b, N, offs, pm, di, hi, wi, ud, uh, uw = _voxel_setup(flow_ptr, D, H, W, s_fb, s_fc, s_fd, s_fh, s_fw,
-                                                          NDIM, COMPUTE, BLOCK)
+    b, N, offs, pm, di, hi, wi, foff = _voxel_setup(D, H, W, s_fb, s_fd, s_fh, s_fw, BLOCK)
+    # Loaded here, not in a helper taking flow_ptr (see _voxel_setup); 2D: the depth load is masked off (ud = 0).
+    ud = tl.load(flow_ptr + foff, mask=pm & (NDIM == 3), other=0.0).to(COMPUTE)
+    uh = tl.load(flow_ptr + foff + (NDIM - 2) * s_fc, mask=pm, other=0.0).to(COMPUTE)
+    uw = tl.load(flow_ptr + foff + (NDIM - 1) * s_fc, mask=pm, other=0.0).to(COMPUTE)
     ib = img_ptr + b * s_ib
     ob = out_ptr + b * C * N + offs  # output is contiguous (B, C, *S)
     if NEAREST:
@@ -193,11 +198,18 @@ def _warp_bwd_kernel(gout_ptr, img_ptr, flow_ptr, gimg_ptr, gflow_ptr, C, D, H, 
                      s_ib, s_ic, s_id, s_ih, s_iw,
                      s_fb, s_fc, s_fd, s_fh, s_fw,
                      NDIM: tl.constexpr, BORDER: tl.constexpr, NEAREST: tl.constexpr,
-                     NEED_IMG: tl.constexpr, NEED_FLOW: tl.constexpr,
+                     NEED_IMG: tl.constexpr, NEED_FLOW: tl.constexpr, SELF: tl.constexpr,
                      COMPUTE: tl.constexpr, BLOCK: tl.constexpr, EMULATE_RTNE: tl.constexpr):
-    """gout, gimg (fp32/fp64 atomic buffer) and gflow are contiguous; image and flow may be strided."""
-    b, N, offs, pm, di, hi, wi, ud, uh, uw = _voxel_setup(flow_ptr, D, H, W, s_fb, s_fc, s_fd, s_fh, s_fw,
-                                                          NDIM, COMPUTE, BLOCK)
+    """gout, gimg (fp32/fp64 atomic buffer) and gflow are contiguous; image and flow may be strided.
+
+    SELF (a scaling-and-squaring step v = u + u o (id + u): image = flow = u, C = NDIM): u's whole gradient
+    (identity term + image-role scatter + displacement role) is accumulated into gimg; gflow is not touched.
+    """
+    b, N, offs, pm, di, hi, wi, foff = _voxel_setup(D, H, W, s_fb, s_fd, s_fh, s_fw, BLOCK)
+    # Loaded here, not in a helper taking flow_ptr (see _voxel_setup); 2D: the depth load is masked off (ud = 0).
+    ud = tl.load(flow_ptr + foff, mask=pm & (NDIM == 3), other=0.0).to(COMPUTE)
+    uh = tl.load(flow_ptr + foff + (NDIM - 2) * s_fc, mask=pm, other=0.0).to(COMPUTE)
+    uw = tl.load(flow_ptr + foff + (NDIM - 1) * s_fc, mask=pm, other=0.0).to(COMPUTE)
     ib = img_ptr + b * s_ib
     gb = gout_ptr + b * C * N + offs
     gib = gimg_ptr + b * C * N
@@ -258,7 +270,17 @@ def _warp_bwd_kernel(gout_ptr, img_ptr, flow_ptr, gimg_ptr, gflow_ptr, C, D, H, 
             ib += s_ic
             gb += N
             gib += N
-        if NEED_FLOW:
+        if NEED_FLOW and SELF:
+            # Atomics too: other programs' image-role scatter lands in the same buffer at the same time.
+            gs = gout_ptr + b * C * N + offs
+            gis = gimg_ptr + b * C * N + offs
+            if NDIM == 3:
+                tl.atomic_add(gis, tl.load(gs, mask=pm, other=0.0).to(COMPUTE) + gd * gmd, mask=pm, sem="relaxed")
+            tl.atomic_add(gis + (NDIM - 2) * N, tl.load(gs + (NDIM - 2) * N, mask=pm, other=0.0).to(COMPUTE)
+                          + gh * gmh, mask=pm, sem="relaxed")
+            tl.atomic_add(gis + (NDIM - 1) * N, tl.load(gs + (NDIM - 1) * N, mask=pm, other=0.0).to(COMPUTE)
+                          + gw * gmw, mask=pm, sem="relaxed")
+        elif NEED_FLOW:
             ety = gflow_ptr.dtype.element_ty
             if NDIM == 3:
                 tl.store(gfb, cast_out(gd * gmd, ety, EMULATE_RTNE), mask=pm)
@@ -275,8 +297,11 @@ def _warp_corners_kernel(flow_ptr, key_ptr, wt_ptr, D, H, W, s_fb, s_fc, s_fd, s
                          COMPUTE: tl.constexpr, BLOCK: tl.constexpr):
     """Deterministic image gradient, step 1: for entry e = (b*N + p)*K + k (K corners per voxel) write the
     destination b*N + q of corner k, or `sentinel` (= B*N, sorts last) where zeros padding drops it."""
-    b, N, offs, pm, di, hi, wi, ud, uh, uw = _voxel_setup(flow_ptr, D, H, W, s_fb, s_fc, s_fd, s_fh, s_fw,
-                                                          NDIM, COMPUTE, BLOCK)
+    b, N, offs, pm, di, hi, wi, foff = _voxel_setup(D, H, W, s_fb, s_fd, s_fh, s_fw, BLOCK)
+    # Loaded here, not in a helper taking flow_ptr (see _voxel_setup); 2D: the depth load is masked off (ud = 0).
+    ud = tl.load(flow_ptr + foff, mask=pm & (NDIM == 3), other=0.0).to(COMPUTE)
+    uh = tl.load(flow_ptr + foff + (NDIM - 2) * s_fc, mask=pm, other=0.0).to(COMPUTE)
+    uw = tl.load(flow_ptr + foff + (NDIM - 1) * s_fc, mask=pm, other=0.0).to(COMPUTE)
     src = b * N + offs  # int64 global voxel id
     if NEAREST:
         jh, vh = _nearest_axis(hi, uh, H, BORDER, COMPUTE)
@@ -389,6 +414,36 @@ def _grad_image_deterministic(grad_out, flow, nsp, D, H, W, C, mode, padding, ac
     return gimg
 
 
+def _launch_bwd(grad_out, src, flow, gimg, gflow, nsp, mode, padding, self_step):
+    D, H, W = _spatial(src, nsp)
+    B, C = src.shape[:2]
+    # 0-element stand-in for an output the launch does not write (NEED_* pruned): never an input, so
+    # wrap_triton's mutation analysis cannot take an input for an output.
+    placeholder = torch.empty(0, device=flow.device, dtype=acc_dtype(flow.dtype))
+    launch(_warp_bwd_kernel, (cdiv(D * H * W, BLOCK), B), grad_out, src, flow,
+           placeholder if gimg is None else gimg, placeholder if gflow is None else gflow, C, D, H, W,
+           *_strides(src, nsp), *_strides(flow, nsp),
+           NDIM=nsp, BORDER=padding == "border", NEAREST=mode == "nearest",
+           NEED_IMG=gimg is not None, NEED_FLOW=self_step or gflow is not None, SELF=self_step,
+           COMPUTE=_compute(flow), BLOCK=BLOCK, EMULATE_RTNE=emulate_rtne(_warp_bwd_kernel, flow.dtype),
+           num_warps=BWD_WARPS)
+
+
+def warp_self_bwd(grad: torch.Tensor, u: torch.Tensor, padding: str = "border") -> torch.Tensor:
+    """Backward of one scaling-and-squaring step v = u + warp(u, u) (`warp_fwd(u, u, add_self=True)`).
+
+    grad (B, ndim, *S) = d loss / d v (any float dtype) -> d loss / d u, (B, ndim, *S) contiguous in the
+    accumulation dtype (fp32; fp64 for an fp64 u). ONE launch into one zero-filled buffer, where `warp_bwd` +
+    two additions wrote a displacement-gradient temporary and read/wrote the running sum twice per step.
+    """
+    nsp = _check(u, u, "linear", padding)
+    if tuple(grad.shape) != tuple(u.shape):
+        raise ValueError(f"grad must have the field's shape {tuple(u.shape)}, got {tuple(grad.shape)}")
+    out = torch.zeros(u.shape, device=u.device, dtype=acc_dtype(u.dtype))
+    _launch_bwd(grad.contiguous(), u, u, out, None, nsp, "linear", padding, self_step=True)
+    return out
+
+
 def warp_bwd(grad_out: torch.Tensor, image: torch.Tensor, flow: torch.Tensor, mode: str = "linear",
              padding: str = "border", need_image: bool = True, need_flow: bool = True,
              deterministic: bool = False) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -410,16 +465,8 @@ def warp_bwd(grad_out: torch.Tensor, image: torch.Tensor, flow: torch.Tensor, mo
     gflow = torch.empty(flow.shape, device=flow.device, dtype=flow.dtype) if need_flow else None
     atomic_img = need_image and not deterministic
     gimg = torch.zeros(image.shape, device=image.device, dtype=acc) if atomic_img else None
-    # 0-element stand-in for an output the launch does not write (NEED_* pruned): never an input, so
-    # wrap_triton's mutation analysis cannot take an input for an output.
-    placeholder = torch.empty(0, device=flow.device, dtype=acc)
     if need_flow or atomic_img:
-        launch(_warp_bwd_kernel, (cdiv(D * H * W, BLOCK), B), grad_out, src, flow,
-               gimg if atomic_img else placeholder, gflow if need_flow else placeholder, C, D, H, W,
-               *_strides(src, nsp), *_strides(flow, nsp),
-               NDIM=nsp, BORDER=padding == "border", NEAREST=mode == "nearest",
-               NEED_IMG=atomic_img, NEED_FLOW=need_flow, COMPUTE=_compute(flow), BLOCK=BLOCK,
-               EMULATE_RTNE=emulate_rtne(_warp_bwd_kernel, flow.dtype))
+        _launch_bwd(grad_out, src, flow, gimg, gflow, nsp, mode, padding, self_step=False)
     if need_image and deterministic:
         gimg = _grad_image_deterministic(grad_out, flow, nsp, D, H, W, C, mode, padding, acc).view(image.shape)
     if gimg is not None and gimg.dtype != image.dtype:
