@@ -9,8 +9,19 @@ The runtime (`Registrator.register(..., refine=RefineConfig(...))`), `deepsim-rt
 """
 
 from deepsim_rt.refine.config import DEFAULTS, REFINE_LOSSES, RefineConfig
-from deepsim_rt.refine.optimize import NonFiniteLossError, RefineResult, load_extractor, model_extractor, refine
-from deepsim_rt.refine.pyramid import bending_energy, level_sizes
 
 __all__ = ["RefineConfig", "RefineResult", "refine", "NonFiniteLossError", "load_extractor", "model_extractor",
            "bending_energy", "level_sizes", "DEFAULTS", "REFINE_LOSSES"]
+
+# The optimiser (and torch) load on first use: `deepsim-rt --help` imports deepsim_rt.refine.cli without torch.
+_LAZY = {"RefineResult": "optimize", "refine": "optimize", "NonFiniteLossError": "optimize",
+         "load_extractor": "optimize", "model_extractor": "optimize", "bending_energy": "pyramid",
+         "level_sizes": "pyramid"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f"deepsim_rt.refine.{_LAZY[name]}"), name)
+    raise AttributeError(f"module 'deepsim_rt.refine' has no attribute {name!r}")

@@ -62,6 +62,8 @@ class RefineConfig:
     seed: int = field(default=0, metadata=_h("seed of torch's RNG during the refinement"))
     threads: int = field(default=1, metadata=_h("torch CPU threads during the refinement (0: leave as is)"))
     cuda_graph: bool = field(default=False, metadata=_h("CUDA only: capture one step per level in a CUDA graph"))
+    compile: bool = field(default=False, metadata=_h("torch.compile the loss of each level (compiles once per "
+                                                     "level size)"))
     progress: bool = field(default=True, metadata=_h("progress bar (only when stderr is a terminal)"))
     extractor: Any = field(default=None, metadata={"cli": False, "help": "DeepSim feature extractor: nn.Module "
                                                                         "with extract_features, or a .safetensors"})

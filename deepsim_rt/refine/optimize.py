@@ -31,7 +31,8 @@ from deepsim_rt.losses._inputs import check_image_pair
 from deepsim_rt.refine.config import RefineConfig
 from deepsim_rt.refine.pyramid import bending_energy, downsample_image, level_sizes, resample_field
 
-__all__ = ["refine", "RefineResult", "NonFiniteLossError", "load_extractor", "model_extractor"]
+__all__ = ["refine", "RefineResult", "NonFiniteLossError", "load_extractor", "model_extractor", "level_step",
+           "level_similarity"]
 
 WARMUP_STEPS = 3  # CUDA graph: steps run eagerly on a side stream before capture (they count towards the budget)
 
@@ -91,7 +92,7 @@ def _pad_to(x: torch.Tensor, multiple: int) -> torch.Tensor:
     return pad_to_multiple(x, multiple, "replicate")[0] if multiple > 1 else x
 
 
-def _level_similarity(cfg: RefineConfig, fixed: torch.Tensor, deepsim: DeepSimLoss | None
+def level_similarity(cfg: RefineConfig, fixed: torch.Tensor, deepsim: DeepSimLoss | None
                       ) -> Callable[[torch.Tensor], torch.Tensor]:
     """warped (B, C, *S) -> 0-dim similarity loss against `fixed` of this level (its features computed once)."""
     if cfg.loss == "ncc":
@@ -181,7 +182,7 @@ def refine(moving: torch.Tensor, fixed: torch.Tensor, init: torch.Tensor | None 
             delta = torch.zeros((start.shape[0], nd, *size), dtype=acc, device=start.device) if delta is None \
                 else resample_field(delta, size)
             mov_k, fix_k = downsample_image(moving, size), downsample_image(fixed, size)
-            delta, losses = _run_level(cfg, base, delta, mov_k, fix_k, _level_similarity(cfg, fix_k, deepsim), k,
+            delta, losses = _run_level(cfg, base, delta, mov_k, fix_k, level_similarity(cfg, fix_k, deepsim), k,
                                        len(sizes), bar)
             result.losses.append(losses)
             result.iterations.append(len(losses))
@@ -207,18 +208,16 @@ def _progress(cfg: RefineConfig, total: int):
     return tqdm(total=total, desc="refine", unit="step", leave=False)
 
 
-def _run_level(cfg: RefineConfig, base: torch.Tensor | None, init: torch.Tensor, mov: torch.Tensor,
-               fix: torch.Tensor, similarity: Callable[[torch.Tensor], torch.Tensor], level: int, n_levels: int, bar
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Adam on one level: the field is base + delta (base None = 0), delta starts at `init`; returns (optimised
-    delta (detached), loss per step run (CPU))."""
-    param = init.detach().clone().requires_grad_(True)
-    n = cfg.iterations
-    hist = torch.empty(n, dtype=param.dtype, device=param.device)
-    if n == 0:
-        return param.detach(), hist.cpu()
-    graph = cfg.cuda_graph and param.device.type == "cuda"
-    opt = torch.optim.Adam([param], lr=cfg.lr, capturable=graph)
+def level_step(cfg: RefineConfig, base: torch.Tensor | None, param: torch.Tensor, mov: torch.Tensor,
+               fix: torch.Tensor, similarity: Callable[[torch.Tensor], torch.Tensor], capturable: bool = False
+               ) -> Callable[[], torch.Tensor]:
+    """One Adam step on one level as a closure: -> step() returning the loss before the step (0-dim, on device).
+
+    The field is base + param (base None = 0); param: leaf tensor (B, ndim, *S) with requires_grad. With
+    cfg.compile the loss (warp, similarity, regularisers; backward via AOTAutograd) is torch.compile'd.
+    capturable: Adam's capturable state (CUDA graphs). Also what benchmarks/test_refine.py times per iteration.
+    """
+    opt = torch.optim.Adam([param], lr=cfg.lr, capturable=capturable)
 
     def loss_fn() -> torch.Tensor:
         p = param if base is None else base + param
@@ -230,13 +229,30 @@ def _run_level(cfg: RefineConfig, base: torch.Tensor | None, init: torch.Tensor,
             total = total + cfg.bending * bending_energy(p)
         return total
 
+    loss_of = torch.compile(loss_fn, dynamic=False) if cfg.compile else loss_fn
+
     def step() -> torch.Tensor:
-        opt.zero_grad(set_to_none=not graph)
-        loss = loss_fn()
+        opt.zero_grad(set_to_none=not capturable)
+        loss = loss_of()
         loss.backward()
         opt.step()
         return loss.detach()
 
+    return step
+
+
+def _run_level(cfg: RefineConfig, base: torch.Tensor | None, init: torch.Tensor, mov: torch.Tensor,
+               fix: torch.Tensor, similarity: Callable[[torch.Tensor], torch.Tensor], level: int, n_levels: int, bar
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Adam on one level: the field is base + delta (base None = 0), delta starts at `init`; returns (optimised
+    delta (detached), loss per step run (CPU))."""
+    param = init.detach().clone().requires_grad_(True)
+    n = cfg.iterations
+    hist = torch.empty(n, dtype=param.dtype, device=param.device)
+    if n == 0:
+        return param.detach(), hist.cpu()
+    graph = cfg.cuda_graph and param.device.type == "cuda"
+    step = level_step(cfg, base, param, mov, fix, similarity, capturable=graph)
     run_step = _graph_step(step, param, min(WARMUP_STEPS, n)) if graph else None
     check_every = 1 if param.device.type == "cpu" else cfg.check_every
     done = 0

@@ -57,9 +57,19 @@ class NoModelBackend:
 
 
 def no_model_registrator(ndim: int, device: str | torch.device | None = "auto", channels: int = 1):
-    """A Registrator for pure optimisation (`--model none`): call its register(..., refine=RefineConfig(...))."""
+    """A Registrator for pure optimisation (`--model none`): call its register(..., refine=RefineConfig(...)).
+    Without a network there is no training spacing: the images are registered on their own grid as given."""
     from deepsim_rt.runtime import Registrator, _resolve_device
 
     if ndim not in (2, 3):
         raise ValueError(f"--model none registers 2D or 3D images, got {ndim}D data")
-    return Registrator(NoModelBackend(ndim, _resolve_device(device), channels), source=NO_MODEL)
+
+    class NoModelRegistrator(Registrator):
+        def network_displacement(self, mov_n, fix_n, spacing=None):
+            zeros = mov_n.new_zeros((mov_n.shape[0], ndim, *mov_n.shape[2:]))
+            given = None if spacing is None else torch.as_tensor(spacing, dtype=torch.float64).flatten().tolist()
+            return mov_n, zeros, {"input_spacing_mm": given,
+                                  "model_spacing_mm": None, "input_shape": list(mov_n.shape[2:]),
+                                  "network_shape": None, "resampled": False}
+
+    return NoModelRegistrator(NoModelBackend(ndim, _resolve_device(device), channels), source=NO_MODEL)
