@@ -18,6 +18,7 @@ SUBCOMMAND_MODULES = (
     "deepsim_rt.demo",           # demo
     "deepsim_rt.register_cli",   # register
     "deepsim_rt.export.cli",     # export
+    "deepsim_rt.anomaly.cli",    # changes, evaluate-changes
 )
 
 
