@@ -261,3 +261,10 @@ def test_bad_options_raise():
             cosine.cosine_fwd(a, a, eps=eps)
     with pytest.raises(ValueError, match="grad map"):
         cosine.cosine_bwd(a, a, [torch.ones(1, 3, 4)], reduction="none")
+
+
+def test_levels_with_the_most_channels_are_scheduled_first():
+    """Longest programs (most channels: the coarsest level) get the lowest program ids, in every launch of 8."""
+    feats = [torch.zeros(1, c, 2, 2) for c in (16, 32, 64, 128, 8, 8, 32, 64, 128)]
+    levels = [cosine._flat_level(f, f) for f in feats]
+    assert cosine._schedule(levels) == [[3, 8, 2, 7, 1, 6, 0, 4], [5]]

@@ -260,3 +260,16 @@ def test_import_and_cpu_calls_work_without_triton():
     env = {k: v for k, v in os.environ.items() if k not in ("DEEPSIM_RT_BACKEND",)}
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert res.returncode == 0 and "OK" in res.stdout, res.stderr[-2000:]
+
+
+def test_launch_device_is_the_first_cuda_tensor_and_none_without_one():
+    """Triton launches on the current device: launch() switches to this one (a cuda:1 tensor on cuda:1)."""
+    pytest.importorskip("triton")
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from deepsim_rt.kernels._triton_common import launch_device
+
+    with FakeTensorMode():  # CUDA-device tensors without a GPU (metadata only)
+        on1, on0 = torch.empty(2, device="cuda:1"), torch.empty(2, device="cuda:0")
+    assert launch_device((torch.zeros(1), 3, on1, on0)) == torch.device("cuda:1")
+    assert launch_device((torch.zeros(1), 3, None)) is None

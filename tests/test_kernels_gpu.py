@@ -127,3 +127,17 @@ def test_export_and_aoti_capture_single_custom_ops(tmp_path):
     loaded = torch._inductor.aoti_load_package(path)
     for got, want in zip(loaded(img, flow), _Reg()(img, flow), strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices (a tensor on cuda:1 while cuda:0 "
+                                                           "is current)")
+def test_tensors_on_the_second_device_launch_there():
+    img, flow = _warp_inputs(3)
+    img1, flow1 = img.to("cuda:1"), flow.to("cuda:1").requires_grad_()
+    assert torch.cuda.current_device() == 0
+    out = K.warp(img1, flow1)
+    out.sum().backward()
+    assert out.device == flow1.grad.device == torch.device("cuda:1")
+    torch.testing.assert_close(out.cpu(), K.warp(img, flow).cpu(), rtol=0, atol=0)
+    v = K.integrate(flow1.detach())
+    torch.testing.assert_close(v.cpu(), K.integrate(flow).cpu(), rtol=0, atol=0)

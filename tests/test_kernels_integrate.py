@@ -102,3 +102,21 @@ def test_low_precision_within_twice_torch_error(dtype):
 def test_bad_input_raises_before_launch(velocity, steps, padding, match):
     with pytest.raises(ValueError, match=match):
         Ik.integrate_fwd(velocity, steps, padding)
+
+
+@pytest.mark.parametrize(("nsp", "padding"), [(2, "border"), (3, "zeros")])
+def test_one_step_backward_is_identity_plus_image_and_displacement_roles(nsp, padding):
+    """warp_self_bwd (one launch per step, everything in one fp32 buffer) = autograd through u + u o (id + u)."""
+    from deepsim_rt.kernels.warp_kernel import warp_self_bwd
+
+    g = torch.Generator().manual_seed(77 + nsp)
+    shape = (2, nsp, 9, 7) if nsp == 2 else (1, nsp, 5, 6, 4)
+    u = _velocity(g, shape, scale=1.5, dtype=torch.float32)
+    up = torch.randn(shape, generator=g, dtype=torch.float64)
+    ru = u.double().requires_grad_()
+    (ru + R.warp(ru, ru, "linear", padding)).backward(up)
+    got = warp_self_bwd(up.float(), u, padding)
+    assert got.shape == u.shape and got.dtype == torch.float32 and got.is_contiguous()
+    torch.testing.assert_close(got.double(), ru.grad, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="grad must have the field's shape"):
+        warp_self_bwd(up.float()[:, :1], u, padding)
