@@ -48,9 +48,11 @@ def test_identity_registration_dice_equals_the_unregistered_pair(source):
 
 def test_true_displacement_scores_zero_endpoint_error(source):
     truths = iter([source.true_displacement("test", k) for k in range(4)])
-    rows = evaluate_pairs(source, lambda mov, fix: next(truths)[None])
+    # nearest: the synthetic labels were generated with nearest-neighbour resampling (with generic labels the truth
+    # scores below the unregistered pair on 1 of these 4 tiny pairs: 0.846 vs 0.851)
+    rows = evaluate_pairs(source, lambda mov, fix: next(truths)[None], label_mode="nearest")
     assert all(r["epe"] == 0.0 for r in rows)
-    base = evaluate_pairs(source, None)
+    base = evaluate_pairs(source, None, label_mode="nearest")
     # Registering with the true deformation improves Dice on every pair (nearest-neighbour label resampling).
     assert all(r["dice_fg"] > b["dice_fg"] for r, b in zip(rows, base, strict=True))
 
