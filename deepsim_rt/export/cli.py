@@ -94,10 +94,15 @@ def add_subcommands(subparsers) -> None:
     p = subparsers.add_parser("export", help="export a model to ONNX / AOTInductor / TensorRT / a Triton repo",
                               description=__doc__.split("\n\n", 1)[1],
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--format", required=True, choices=FORMATS)
+    p.add_argument("--format", required=True, choices=FORMATS,
+                   help="onnx (.onnx, ONNX Runtime / TensorRT), aoti (.pt2, AOTInductor), tensorrt (.plan engine) or "
+                        "triton-repo (a Triton Inference Server model repository folder)")
     p.add_argument("--model", default="default-2d", help="default-2d, default-3d or a .safetensors checkpoint")
     p.add_argument("--out", required=True, help="output file (.onnx/.pt2/.plan) or repository folder")
-    p.add_argument("--artifact", default="registration", choices=("registration", "features", "metric"))
+    p.add_argument("--artifact", default="registration", choices=("registration", "features", "metric"),
+                   help="registration: the RegNet (moving, fixed -> warped, displacement); features: the feature "
+                        "extractor's multi-level features; metric: DeepSim of two images (similarity + per-level "
+                        "cosine maps) (default: %(default)s)")
     p.add_argument("--extractor", default="seg", choices=("seg", "ae"),
                    help="bundled feature extractor for --artifact features/metric (default: %(default)s)")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: 19 for 2D, 20 for 3D)")
