@@ -2,7 +2,9 @@
 
     deepsim-rt register --moving m.nii.gz --fixed f.nii.gz --out DIR [--labels m_labels.nii.gz]
                         [--model default-3d|default-2d|PATH] [--backend auto|eager|compile|onnxruntime|aoti|tensorrt]
-                        [--device auto|cpu|cuda]
+                        [--device auto|cpu|cuda] [--overwrite]
+    deepsim-rt register --pairs pairs.csv --out DIR [same options]     (a batch: deepsim_rt.batch; columns
+                        moving, fixed[, labels][, name]; resumable; rows shared among torchrun ranks)
 
 Inputs, any size (the runtime pads to the network's multiple and crops back; intensities are min-max normalized as
 the model expects):
@@ -94,6 +96,9 @@ def read_image(path: str | os.PathLike, labels: bool = False) -> ImageFile:
     if kind == "npy":
         try:
             data = np.load(path, allow_pickle=False)
+        except MemoryError:
+            raise ValueError(f"{path}: not enough memory to load it ({path.stat().st_size / 2**20:.0f} MiB on "
+                             "disk)") from None
         except (ValueError, OSError, EOFError) as exc:
             raise ValueError(f"{path} is not a readable .npy array: {exc}") from exc
         if data.dtype.kind not in "biuf" or data.ndim not in (2, 3):
@@ -114,6 +119,8 @@ def read_image(path: str | os.PathLike, labels: bool = False) -> ImageFile:
                 data = np.array(img.convert("L"))
     except (UnidentifiedImageError, OSError, SyntaxError) as exc:
         raise ValueError(f"{path} is not a readable PNG image: {exc}") from exc
+    if data.dtype.kind == "f" and not np.all(np.isfinite(data)):  # mode "F" PNGs can hold NaN
+        raise ValueError(f"{path}: contains {int((~np.isfinite(data)).sum())} NaN or Inf values")
     return ImageFile(path, kind, data, disk_shape=tuple(data.shape), png_dtype=data.dtype)
 
 
@@ -465,6 +472,18 @@ def _save_json(path: Path, obj: Any) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
+def registrator_for(pair: Pair, model: str | None, backend: str = "auto", device: str = "auto", refine: Any = None):
+    """The Registrator for a pair: `model` (None: the bundled model for its dimensionality; "none": no network,
+    pure optimisation with `refine`), on `backend` / `device`."""
+    if model == "none":  # pure optimisation (deepsim_rt.refine): no network
+        from deepsim_rt.refine.runtime import no_model_registrator
+
+        if refine is None:
+            raise ValueError("--model none (no network) needs --refine ITERS: pure optimisation from zero")
+        return no_model_registrator(pair.data_ndim, device=device)
+    return load_registrator(model or default_model(pair), backend=backend, device=device)
+
+
 def run_register(moving: str | os.PathLike, fixed: str | os.PathLike, out: str | os.PathLike,
                  labels: str | os.PathLike | None = None, model: str | None = None, backend: str = "auto",
                  device: str = "auto", overwrite: bool = False) -> dict[str, Any]:
@@ -477,7 +496,7 @@ def run_register(moving: str | os.PathLike, fixed: str | os.PathLike, out: str |
     pair = read_pair(moving, fixed, labels)
     t_read = time.perf_counter() - t0
     t0 = time.perf_counter()
-    reg = load_registrator(model or default_model(pair), backend=backend, device=device)
+    reg = registrator_for(pair, model, backend, device)
     t_load = time.perf_counter() - t0
     result = register_pair(reg, pair)
     result.summary["timings_s"].update(read=t_read, load_model=t_load)
@@ -489,6 +508,10 @@ def run_register(moving: str | os.PathLike, fixed: str | os.PathLike, out: str |
 
 
 def _cmd(args: argparse.Namespace) -> int:
+    if args.pairs is not None:
+        return _batch_cmd(args)
+    if args.moving is None or args.fixed is None:
+        raise ValueError("give --moving and --fixed (one pair) or --pairs CSV (a batch)")
     info = run_register(args.moving, args.fixed, args.out, labels=args.labels, model=args.model,
                         backend=args.backend, device=args.device, overwrite=args.overwrite)
     print(f"registered {args.moving} -> {args.fixed} ({'x'.join(map(str, info['shape']))}) with {info['model']} "
@@ -501,14 +524,35 @@ def _cmd(args: argparse.Namespace) -> int:
     return 0
 
 
+def _batch_cmd(args: argparse.Namespace) -> int:
+    from deepsim_rt.batch import run_batch
+
+    if args.moving is not None or args.fixed is not None or args.labels is not None:
+        raise ValueError("--pairs takes moving, fixed and labels from the CSV; drop --moving / --fixed / --labels")
+    rows = run_batch(args.pairs, args.out, model=args.model, backend=args.backend, device=args.device,
+                     overwrite=args.overwrite)
+    counts = {s: sum(r["status"] == s for r in rows) for s in ("done", "skipped", "failed")}
+    if os.environ.get("RANK", "0") == "0":
+        for r in rows:
+            if r["status"] == "failed":
+                print(f"  failed {r['name']}: {r['error']}")
+        print(f"{len(rows)} pairs: {counts['done']} registered, {counts['skipped']} already done (skipped), "
+              f"{counts['failed']} failed; table: {Path(args.out) / 'summary.csv'}")
+    return 1 if counts["failed"] else 0
+
+
 def add_subcommands(subparsers) -> None:
     from deepsim_rt.runtime import BACKENDS
 
     p = subparsers.add_parser(
         "register", help="register a moving image onto a fixed image (NIfTI, PNG or NPY)",
         description=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--moving", required=True, help="moving image (.nii/.nii.gz, .png, .npy)")
-    p.add_argument("--fixed", required=True, help="fixed image, same shape (and NIfTI affine) as moving")
+    p.add_argument("--moving", default=None, help="moving image (.nii/.nii.gz, .png, .npy)")
+    p.add_argument("--fixed", default=None, help="fixed image (NIfTI: any grid; PNG / NPY: the moving's shape)")
+    p.add_argument("--pairs", default=None, metavar="CSV",
+                   help="batch: a CSV with columns moving, fixed[, labels][, name]; each pair goes to OUT/<name>/, "
+                        "finished pairs are skipped, rows are shared among torchrun ranks; OUT/summary.csv and "
+                        "summary.json tabulate them (deepsim_rt.batch)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--labels", default=None, help="label map of the moving image (warped with nearest neighbour)")
     p.add_argument("--model", default=None,
