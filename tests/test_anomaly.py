@@ -142,6 +142,20 @@ def test_triton_path_matches_reference(monkeypatch, rng):
         torch.testing.assert_close(t, r, rtol=0, atol=2e-6)
 
 
+@pytest.mark.gpu
+def test_cuda_maps_match_cpu_reference(seg2d, rng):
+    # On CUDA the per-level maps come from the deepsim_rt::multilayer_cosine_maps Triton op (dispatch "op" route).
+    from deepsim_rt.kernels.dispatch import HAS_TRITON_OPS, backend_for
+
+    a = torch.rand((2, 1, 40, 48), generator=rng)
+    b = torch.rand((2, 1, 40, 48), generator=rng)
+    ref, _ = semantic_change(seg2d, a, b)
+    ext = load_extractor(bundled_model_path("default-2d", "seg"), 2, device="cuda")
+    assert backend_for(a.cuda()) == ("op" if HAS_TRITON_OPS else "reference")
+    out, _ = semantic_change(ext, a.cuda(), b.cuda())
+    torch.testing.assert_close(out.cpu(), ref, rtol=0, atol=1e-4)  # cuDNN vs CPU conv rounding in the features
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # AUC
 # ----------------------------------------------------------------------------------------------------------------

@@ -123,7 +123,8 @@ def test_evaluate_changes_end_to_end(run_cli, tmp_path):
         s = res["summary"][name]
         assert 0.0 <= s["mean"] <= 1.0 and s["n"] == 3
         assert s["mean"] == pytest.approx(np.mean([c["auc"][name] for c in res["cases"]]))
-    assert "semantic score after DeepSim net" in (out / "results.md").read_text()
+    table = (out / "results.md").read_text()
+    assert "| semantic score after DeepSim net |" in table and "| \\|log det J\\| of DeepSim net |" in table
     assert (out / "changes_auc.png").stat().st_size > 0
     code, text = run_cli("evaluate-changes", "--data", "tiny-2d", "--model", "default-3d", "--out", str(out))
     assert code == 2 and "3D but the 'tiny-2d' benchmark is 2D" in text

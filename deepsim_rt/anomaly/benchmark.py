@@ -110,7 +110,7 @@ def markdown_table(summary: dict[str, dict], names: list[str]) -> str:
             "|---|---|---|---|---|---|"]
     for name in names:
         s = summary[name]
-        label = METHODS[name][2] if name in METHODS else name
+        label = (METHODS[name][2] if name in METHODS else name).replace("|", "\\|")  # a pipe would split the cell
         if "wilcoxon_p" in s:
             tail = f"{s['diff_vs_semantic_deepsim']:+.3f} | {s['wilcoxon_p']:.2g} | {'tie' if s['tie'] else 'no'}"
         else:

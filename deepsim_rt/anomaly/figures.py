@@ -63,7 +63,7 @@ def benchmark_figure(case, scores: dict[str, torch.Tensor] | None, aucs: dict[st
     if case.mask.dim() == 4:  # (1, D, H, W): the slice with the most changed voxels
         idx = int(case.mask[0].flatten(1).sum(1).argmax())
     fixed = slice_of(case.fixed[0], idx)
-    fig = plt.figure(figsize=(3.0 * (1 + len(names)), 7.0))
+    fig = plt.figure(figsize=(2.5 * (1 + len(names)), 5.8))
     grid = fig.add_gridspec(2, 1 + len(names), height_ratios=(1.0, 1.1))
     if scores is not None:
         axes = [fig.add_subplot(grid[0, i]) for i in range(1 + len(names))]
