@@ -541,9 +541,12 @@ def _batch_cmd(args: argparse.Namespace) -> int:
     return 1 if counts["failed"] else 0
 
 
-def add_subcommands(subparsers) -> None:
-    from deepsim_rt.runtime import BACKENDS
+# = deepsim_rt.runtime.BACKENDS (pinned by tests/test_cli_help.py): importing the runtime for the choices cost
+# `deepsim-rt register --help` 16.8 s of torch import on the loaded 2-core box.
+BACKEND_CHOICES = ("auto", "eager", "compile", "onnxruntime", "aoti", "tensorrt")
 
+
+def add_subcommands(subparsers) -> None:
     p = subparsers.add_parser(
         "register", help="register a moving image onto a fixed image (NIfTI, PNG or NPY)",
         description=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -558,7 +561,7 @@ def add_subcommands(subparsers) -> None:
     p.add_argument("--model", default=None,
                    help="default-2d, default-3d or a .safetensors/.onnx/.pt2/.plan path (default: the bundled "
                         "model matching the data's dimensionality)")
-    p.add_argument("--backend", default="auto", choices=BACKENDS, help="runtime backend (default: %(default)s)")
+    p.add_argument("--backend", default="auto", choices=BACKEND_CHOICES, help="runtime backend (default: %(default)s)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:i] (default: %(default)s)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace existing outputs in --out (never an input file; default: refuse)")

@@ -65,3 +65,10 @@ def test_subcommand_help_and_unknown_command(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["regster"])
     assert exc.value.code == 2 and "invalid choice: 'regster'" in capsys.readouterr().err
+
+
+def test_register_backend_choices_are_the_runtimes():
+    from deepsim_rt.register_cli import BACKEND_CHOICES
+    from deepsim_rt.runtime import BACKENDS
+
+    assert BACKEND_CHOICES == BACKENDS  # a literal copy so that `register --help` need not import torch
