@@ -62,10 +62,9 @@ def ants_register_fn(**overrides):
             m = ants.from_numpy(moving[0, 0].double().numpy())
             f = ants.from_numpy(fixed[0, 0].double().numpy())
             out = ants.registration(f, m, outprefix=os.path.join(tmp, "r_"), **kw)
-            fields = [t for t in out["fwdtransforms"] if t.endswith((".nii.gz", ".nii"))]
-            if len(fields) != 1 or len(out["fwdtransforms"]) != 1:
-                raise ValueError(f"expected one displacement field from SyNOnly, got {out['fwdtransforms']}")
-            u = ants.image_read(fields[0]).numpy()  # (*S, ndim), vector on the last axis
+            # SyNOnly writes the warp field and the (identity) initial affine: compose them into one field
+            field = ants.apply_transforms(f, m, out["fwdtransforms"], compose=os.path.join(tmp, "c_"))
+            u = ants.image_read(field).numpy()  # (*S, ndim), vector on the last axis
         return torch.from_numpy(np.ascontiguousarray(np.moveaxis(u, -1, 0))).float()[None]
 
     return register

@@ -220,6 +220,21 @@ def test_level_sizes_and_field_resampling_known_answers():
     assert torch.allclose(resample_field(up, (8, 6)), u)  # area-down of the up-sampled constant: exact round trip
 
 
+@pytest.mark.parametrize("size", [(20, 18), (10, 12, 9)])
+def test_loop_terms_equal_the_losses(size, rng):
+    # the loop's check-free terms (deepsim_rt.refine.terms) are the public losses' formulas
+    from deepsim_rt.losses import diffusion_regularizer, mse, ncc
+    from deepsim_rt.refine.terms import FixedNCC, diffusion_term, mse_term
+
+    a = torch.rand((2, 1, *size), generator=rng, dtype=torch.float64)
+    b = torch.rand((2, 1, *size), generator=rng, dtype=torch.float64)
+    u = torch.randn((2, len(size), *size), generator=rng, dtype=torch.float64)
+    for window in (9, 5):
+        assert torch.allclose(FixedNCC(b, window)(a), ncc(a, b, window), rtol=0, atol=1e-12)
+    assert torch.allclose(mse_term(a, b), mse(a, b), rtol=0, atol=1e-15)
+    assert torch.allclose(diffusion_term(u), diffusion_regularizer(u), rtol=0, atol=1e-12)
+
+
 def test_bending_energy_known_answers():
     x = torch.arange(10, dtype=torch.float64)
     lin = torch.stack(torch.meshgrid(2 * x, -x, indexing="ij"))[None]

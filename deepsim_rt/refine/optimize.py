@@ -26,10 +26,11 @@ from torch import nn
 
 from deepsim_rt._checks import check_displacement, check_same_device
 from deepsim_rt.kernels import integrate, multilayer_cosine, warp
-from deepsim_rt.losses import DeepSimLoss, diffusion_regularizer, mse, ncc
+from deepsim_rt.losses import DeepSimLoss
 from deepsim_rt.losses._inputs import check_image_pair
 from deepsim_rt.refine.config import RefineConfig
 from deepsim_rt.refine.pyramid import bending_energy, downsample_image, level_sizes, resample_field
+from deepsim_rt.refine.terms import FixedNCC, diffusion_term, mse_term
 
 __all__ = ["refine", "RefineResult", "NonFiniteLossError", "load_extractor", "model_extractor", "level_step",
            "level_similarity"]
@@ -96,9 +97,9 @@ def level_similarity(cfg: RefineConfig, fixed: torch.Tensor, deepsim: DeepSimLos
                       ) -> Callable[[torch.Tensor], torch.Tensor]:
     """warped (B, C, *S) -> 0-dim similarity loss against `fixed` of this level (its features computed once)."""
     if cfg.loss == "ncc":
-        return lambda warped: ncc(warped, fixed, cfg.ncc_window)
+        return FixedNCC(fixed, cfg.ncc_window)
     if cfg.loss == "mse":
-        return lambda warped: mse(warped, fixed)
+        return lambda warped: mse_term(warped, fixed)
     # DeepSim: the extractors take sizes that are multiples of 2**stages; replicate-pad both images (the padded
     # rim is where `border` warping puts the edge voxels anyway).
     multiple = getattr(getattr(deepsim.extractor, "cfg", None), "spatial_multiple", 1)
@@ -224,7 +225,7 @@ def level_step(cfg: RefineConfig, base: torch.Tensor | None, param: torch.Tensor
         u = integrate(p, steps=cfg.integrate_steps, padding=cfg.padding) if cfg.diffeomorphic else p
         total = similarity(warp(mov, u, mode="linear", padding=cfg.padding))
         if cfg.lam:
-            total = total + cfg.lam * diffusion_regularizer(p)
+            total = total + cfg.lam * diffusion_term(p)
         if cfg.bending:
             total = total + cfg.bending * bending_energy(p)
         return total
@@ -290,15 +291,16 @@ def _graph_step(step: Callable[[], torch.Tensor], param: torch.Tensor, warmup: i
     the gradient and the Adam state the graph reuses); the next call captures one step (capture does not run it)
     and replays it; later calls replay. Returns the step's loss (a static buffer: copy it before the next call)."""
     stream = torch.cuda.Stream(device=param.device)
-    stream.wait_stream(torch.cuda.current_stream(param.device))
     state: dict = {}
+
+    main = torch.cuda.current_stream(param.device)
 
     def run(it: int) -> torch.Tensor:
         if it < warmup:
+            stream.wait_stream(main)
             with torch.cuda.stream(stream):
                 out = step()
-            if it == warmup - 1:
-                torch.cuda.current_stream(param.device).wait_stream(stream)
+            main.wait_stream(stream)  # the caller reads `out` on the main stream (no host sync: a stream wait)
             return out
         if "graph" not in state:
             g = torch.cuda.CUDAGraph()

@@ -1,0 +1,59 @@
+"""The loop's loss terms, without per-call data checks, with the fixed image's share computed once per level.
+
+Why not deepsim_rt.losses directly: every public loss scans its inputs for NaN (`bool(isnan(x).any())`), a host
+sync per call -- on CUDA that is a sync per step, and inside a CUDA graph capture it is an error. Here the inputs are
+checked once, at `refine`'s entry, and non-finite values are caught on the loss (NonFiniteLossError). The formulas
+are those of deepsim_rt.losses (ncc_map, mse, diffusion_regularizer); tests/test_refine.py pins them equal.
+NCC also keeps the fixed image's window sums (S(J), S(J^2)) per level: 3 box-filtered channels per step instead of 5.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from deepsim_rt.losses.intensity import DEFAULT_NCC_EPS, _box_sum, _window
+
+__all__ = ["FixedNCC", "mse_term", "diffusion_term"]
+
+
+class FixedNCC:
+    """loss(warped) = 1 - mean local squared NCC(warped, fixed) (= deepsim_rt.losses.ncc), fixed's sums cached.
+
+    fixed: (B, C, *S) float; window: odd int per axis (9 as the losses). The fixed image needs no gradient.
+    """
+
+    def __init__(self, fixed: torch.Tensor, window: int, eps: float = DEFAULT_NCC_EPS) -> None:
+        nsp = fixed.dim() - 2
+        self.win = _window(window, nsp)
+        self.n = float(math.prod(self.win))
+        self.eps = eps
+        self.c = fixed.shape[1]
+        j = fixed.detach()
+        self.j = j
+        s_j, s_jj = _box_sum(torch.cat([j, j * j], dim=1), self.win).split(self.c, dim=1)
+        self.s_j = s_j
+        self.var_j = s_jj - s_j * s_j / self.n
+
+    def __call__(self, warped: torch.Tensor) -> torch.Tensor:
+        i = warped
+        s_i, s_ii, s_ij = _box_sum(torch.cat([i, i * i, i * self.j], dim=1), self.win).split(self.c, dim=1)
+        cross = s_ij - s_i * self.s_j / self.n
+        var_i = s_ii - s_i * s_i / self.n
+        return 1.0 - (cross * cross / (var_i * self.var_j).clamp_min(self.eps)).mean()
+
+
+def mse_term(warped: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
+    """Mean squared difference (= deepsim_rt.losses.mse)."""
+    return (warped - fixed).square().mean()
+
+
+def diffusion_term(u: torch.Tensor) -> torch.Tensor:
+    """Mean squared forward difference, last slice replicated, / ndim (= deepsim_rt.losses.diffusion_regularizer)."""
+    nsp = u.dim() - 2
+    total = None
+    for ax in range(2, 2 + nsp):
+        d = torch.diff(u, dim=ax, append=u.narrow(ax, u.shape[ax] - 1, 1))
+        total = d * d if total is None else total + d * d
+    return total.mean() / nsp
