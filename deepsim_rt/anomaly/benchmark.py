@@ -59,14 +59,14 @@ class ChangeEvalConfig:
     data: str = field(default="default-2d", metadata={"help": "synthetic data preset of the benchmark (its grid, "
                                                               "subjects and splits), e.g. default-2d, default-3d"})
     split: str = field(default="test", metadata={"help": "subjects of this split (tune on val, report test)"})
-    n_cases: int | None = field(default=None, metadata={"help": "cases (default: one per subject of the split)"})
+    n_cases: int | None = field(default=None, metadata={"help": "cases; None: one per subject of the split"})
     seed: int = field(default=0, metadata={"help": "seed of the change draws"})
-    model: str | None = field(default=None, metadata={"help": "DeepSim-trained registration model (default: "
-                                                                "the bundled default-2d / default-3d)"})
-    mse_model: str | None = field(default=None, metadata={"help": "MSE-trained registration model (default: "
-                                                                    "reg_mse.safetensors beside --model)"})
-    extractor: str | None = field(default=None, metadata={"help": "feature extractor (default: seg.safetensors "
-                                                                    "beside --model)"})
+    model: str | None = field(default=None, metadata={"help": "DeepSim-trained registration model; None: the "
+                                                                "bundled default-2d / default-3d"})
+    mse_model: str | None = field(default=None, metadata={"help": "MSE-trained registration model; None: "
+                                                                    "reg_mse.safetensors beside --model"})
+    extractor: str | None = field(default=None, metadata={"help": "feature extractor; None: seg.safetensors beside "
+                                                                    "--model"})
     smooth: float = field(default=0.0, metadata={"help": "Gaussian sigma (voxels) applied to every score map "
                                                          "before the AUC (0: none)"})
     out: str = field(default="runs/changes", metadata={"help": "output folder: results.json, results.md, "
