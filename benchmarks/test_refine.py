@@ -4,14 +4,15 @@ iteration = one Adam step at full resolution: warp(moving, u) -> similarity (+ d
             gradient only: the images are data) -> Adam update (`deepsim_rt.refine.optimize.level_step`).
 full      = `refine(moving, fixed, init, config)`: 3 levels x ITERS steps (the loss checks included).
 Providers:
-  "eager"      the reference ops (every deepsim_rt module's hot ops swapped to kernels.reference for the run)
+  "reference"  eager, the reference ops (every deepsim_rt module's hot ops swapped to kernels.reference)
   "compile"    the same reference loop with the loss torch.compile'd (RefineConfig(compile=True); compile time
                is warm-up, untimed, and recorded as extra_info["setup_s"])
   "deepsim_rt" the public ops, i.e. the fused Triton kernels on CUDA (on a CPU they ARE the reference: GPU only)
 Losses: ncc (the measured default) and deepsim_seg (a random-weight `paper`-preset extractor on the GPU, `small` on
-the CPU: the cost does not depend on the weights). GPU goal (issue #10): deepsim_rt >= 3x eager and >= 1.5x
-compile per iteration. Sizes: GPU 3D 160x192x224 and 2D 256x256 (the issue's); CPU the bundled grids 40x48x40 and
-96x80 (`make bench` minutes).
+the CPU: the cost does not depend on the weights). GPU goal (issue #10): deepsim_rt >= 3x reference and >= 1.5x
+compile per iteration (report.py's kernel table shows both ratios: the provider names are the kernel suite's).
+Sizes: GPU 3D 160x192x224 and 2D 256x256 (the issue's); CPU the bundled grids 40x48x40 and 96x80 (`make bench`
+minutes).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from benchmarks.harness import bench_device, shape_str, use_provider
 
 DEV = bench_device()
 ON_GPU = DEV.type == "cuda"
-PROVIDERS = ("eager", "compile", "deepsim_rt")
+PROVIDERS = ("reference", "compile", "deepsim_rt")
 LOSSES = ("ncc", "deepsim_seg")
 SIZES = {"cuda": ((160, 192, 224), (256, 256)), "cpu": ((40, 48, 40), (96, 80))}
 FULL_ITERS = {"cuda": 20, "cpu": 10}  # steps per level of the "full" case (the default is 25-50: time per step)
