@@ -218,6 +218,9 @@ def test_commit_files_all_or_nothing(tmp_path):
     assert (out / "a.txt").read_text() == "A" and (out / "b.txt").read_text() == "B"
     with pytest.raises(ValueError, match="it is an input"):
         commit_files(out, {"a.txt": text("x")}, protected=[out / "a.txt"], overwrite=True)
+    if __import__("os").path.isdir("/proc/self"):  # a file system nobody can create folders in, root included
+        with pytest.raises(ValueError, match=r"^cannot write /proc/deepsim_rt_h11: [A-Z][a-z ]+$"):
+            commit_files("/proc/deepsim_rt_h11/out", {"a.txt": text("a")})
 
 
 def test_single_slice_nifti_goes_to_the_2d_model(tmp_path, run_cli):
