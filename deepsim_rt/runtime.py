@@ -30,7 +30,6 @@ What `register` does around the network (the network's input contract is in the 
 from __future__ import annotations
 
 import os
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from deepsim_rt.export.metadata import ArtifactInfo
+from deepsim_rt.export.serving import minmax_normalize  # one definition, shared with the serving graphs
 from deepsim_rt.kernels import warp
 from deepsim_rt.nn.checkpoint import file_sha256, load_model
 from deepsim_rt.nn.config import NetConfig
@@ -122,19 +122,6 @@ def crop(x: torch.Tensor, pads: tuple[tuple[int, int], ...]) -> torch.Tensor:
     for (b, a), n in zip(pads, x.shape[2:], strict=True):
         index.append(slice(b, n - a))
     return x[tuple(index)]
-
-
-def minmax_normalize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-sample min-max scaling of (B, C, *S) to [0, 1] (the "minmax" input contract).
-
-    Returns (normalized, lo, scale), lo and scale shaped (B, 1, ..., 1), so that x = normalized * scale + lo.
-    A constant sample has scale 0 and normalizes to all zeros.
-    """
-    dims = tuple(range(1, x.dim()))
-    lo = x.amin(dim=dims, keepdim=True)
-    scale = x.amax(dim=dims, keepdim=True) - lo
-    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-    return (x - lo) / safe, lo, scale
 
 
 def _to_tensor(name: str, x: Any) -> tuple[torch.Tensor, bool]:
@@ -271,7 +258,7 @@ class Registrator:
             raise ValueError(f"a Registrator needs a registration artifact, got a {backend.info.artifact!r} one")
         self.backend = backend
         self.source = source
-        self._tmpdir: tempfile.TemporaryDirectory | None = None
+        self.artifact_path: Path | None = None  # set by load(): the exported file actually run, if any
 
     # -- construction ---------------------------------------------------------------------------------------------
     @classmethod
@@ -293,8 +280,12 @@ class Registrator:
 
         model: "default-2d" | "default-3d" (bundled weights) or a path to .safetensors / .onnx / .pt2 / .plan.
         backend: one of BACKENDS. From a .safetensors checkpoint every backend works: "onnxruntime" and "aoti"
-            export it first into `cache_dir` (default: a temporary directory living as long as this object),
-            verified against PyTorch unless verify=False. An exported artifact runs on its own backend only.
+            export it first (verified against PyTorch unless verify=False) into `cache_dir`, default the persistent
+            user cache keyed by checkpoint hash (export.cache: $DEEPSIM_RT_CACHE or ~/.cache/deepsim_rt), so each
+            model is exported once per backend and device. An exported artifact runs on its own backend only.
+            Exported artifacts may be network-only ("minmax", sizes a multiple of 8) or serving graphs ("raw",
+            any size; metadata intensity / extra.graph say which): `register` works with both, because a serving
+            graph given normalized, padded inputs returns the network's output unchanged (export.serving).
         device: "auto" (CUDA when available, else CPU), "cpu", "cuda[:i]".
         threads: intra-op threads for ONNX Runtime (None: its default).
         """
@@ -314,21 +305,18 @@ class Registrator:
         if suffix in _ARTIFACT_BACKENDS and backend not in _ARTIFACT_BACKENDS[suffix]:
             raise ValueError(f"{str(path)!r} is a {suffix} artifact; it runs with backend "
                              f"{_ARTIFACT_BACKENDS[suffix][0]!r} (or 'auto'), not {backend!r}")
-        self_tmp = None
+        source = str(path)  # the model the user named (for an exported checkpoint: the checkpoint, not the cache file)
         if suffix == ".safetensors":
             net = load_model(path, map_location="cpu")
             info = _registration_info(net, file_sha256(path))
             if backend in ("eager", "compile"):
                 return cls(EagerBackend(net, dev, info, compile=backend == "compile"), source=str(path))
-            if cache_dir is None:
-                self_tmp = tempfile.TemporaryDirectory(prefix="deepsim_rt_")
-                cache_dir = self_tmp.name
-            path = _export_for_backend(net, path, backend, dev, Path(cache_dir), verify)
+            path = _export_for_backend(path, backend, dev, cache_dir, verify)
         if path.suffix == ".pt2" and device in (None, "auto"):
             dev = None  # a package runs on the device type it was compiled for: let it say which
         runner = _open_artifact(path, backend, dev, threads)
-        reg = cls(runner, source=str(path))
-        reg._tmpdir = self_tmp
+        reg = cls(runner, source=source)
+        reg.artifact_path = path  # the file actually run (a cache entry for an exported checkpoint)
         return reg
 
     # -- properties -----------------------------------------------------------------------------------------------
@@ -428,33 +416,15 @@ def _restore_labels(x: torch.Tensor, added: int, original: Any, device: torch.de
 # ----------------------------------------------------------------------------------------------------------------
 # Exported artifacts (imported lazily: onnxruntime / tensorrt may be absent)
 # ----------------------------------------------------------------------------------------------------------------
-def _export_for_backend(net: torch.nn.Module, ckpt: Path, backend: str, device: torch.device, cache_dir: Path,
+def _export_for_backend(ckpt: Path, backend: str, device: torch.device, cache_dir: str | os.PathLike | None,
                         verify: bool) -> Path:
-    """Export a checkpoint's RegNet for `backend` into cache_dir (verified); returns the artifact path."""
-    sha = file_sha256(ckpt)
-    stem = f"{ckpt.stem}-{sha[:12]}"
-    if backend == "onnxruntime":
-        from deepsim_rt.export.onnx import export_onnx
+    """The checkpoint's RegNet exported for `backend`, from the cache keyed by its hash (export.cache; cache_dir None:
+    the persistent user cache); exported and verified on the first call only. Returns the artifact path."""
+    from deepsim_rt.export.cache import cached_export
 
-        out = cache_dir / f"{stem}.onnx"
-        if not out.is_file():
-            export_onnx(net, out, artifact="registration", source_sha256=sha, verify=verify)
-        return out
-    if backend == "aoti":
-        from deepsim_rt.export.aoti import export_aoti
-
-        out = cache_dir / f"{stem}-{device.type}.pt2"
-        if not out.is_file():
-            export_aoti(net, out, device=device, source_sha256=sha, verify=verify)
-        return out
-    if backend == "tensorrt":
-        from deepsim_rt.export.tensorrt import build_registration_engine
-
-        out = cache_dir / f"{stem}.plan"
-        if not out.is_file():
-            build_registration_engine(net, out, source_sha256=sha, verify=verify)
-        return out
-    raise ValueError(f"backend {backend!r} cannot run a checkpoint")  # pragma: no cover - checked by the caller
+    if backend not in ("onnxruntime", "aoti", "tensorrt"):  # pragma: no cover - checked by the caller
+        raise ValueError(f"backend {backend!r} cannot run a checkpoint")
+    return cached_export(ckpt, backend, device, root=cache_dir, verify=verify)
 
 
 class _FlowCompleter:

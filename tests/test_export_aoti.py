@@ -1,4 +1,6 @@
-"""AOTInductor packages: outputs match PyTorch at sizes never compiled for, metadata round-trips, bad files fail.
+"""AOTInductor packages: serving graphs match PyTorch at odd sizes never compiled for, every call is guarded
+(dtype, rank, sizes; non-contiguous made contiguous), the archive's inner folder has the file's name, metadata
+round-trips, bad files fail.
 
 A CPU compile costs ~40-50 s on 2 cores, so each tiny model is compiled once per module; the extra packages that
 only exercise metadata error paths are marked slow.
@@ -6,12 +8,15 @@ only exercise metadata error paths are marked slow.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import zipfile
 
 import pytest
 import torch
 
-from deepsim_rt.export.aoti import AotiRunner, export_aoti
+from deepsim_rt.export.aoti import AotiRunner, export_aoti, load_package
 from deepsim_rt.export.metadata import FORMAT_MAJOR, build_metadata
 from deepsim_rt.export.verify import FP32_TOL, random_regnet
 from deepsim_rt.nn import NetConfig, save_model
@@ -36,7 +41,7 @@ def test_export_verifies_on_random_and_real_inputs(packages):
         assert {r.output for r in rep.rows} == {"warped", "displacement"}
 
 
-@pytest.mark.parametrize("nd,sizes", [(2, [(21, 13), (40, 8)]), (3, [(9, 11, 6), (17, 8, 5)])])
+@pytest.mark.parametrize("nd,sizes", [(2, [(21, 13), (40, 11)]), (3, [(9, 11, 10), (17, 10, 9)])])
 def test_registrator_aoti_matches_pytorch_at_odd_sizes(packages, nd, sizes, rng):
     models, out = packages
     aoti = Registrator.load(out[nd].path, device="cpu")
@@ -58,17 +63,58 @@ def test_metadata_round_trips(packages):
     info = AotiRunner(out[2].path).info
     assert info == out[2].info and info.cfg == models[2].cfg and len(info.source_sha256) == 64
     assert info.extra["device"] == "cpu" and info.extra["batchnorm"] == "folded"
+    assert info.serving and info.intensity == "raw" and info.extra["precision"] == "fp32"
     info3 = AotiRunner(out[3].path, expect="registration").info
     assert info3.cfg.ndim == 3 and info3.source_sha256 == ""
+
+
+def test_package_guards_every_call(packages):
+    """Issue 11 #1 / issue 14: float64 gave |u| ~ 1.8e19, a non-contiguous input 1.9 voxels off, 150x170 came
+    back 144x168, all silently. Through load_package: dtype and rank are one-line ValueErrors, non-contiguous
+    inputs are made contiguous (same numbers), any size >= 9 comes back at its own size."""
+    models, out = packages
+    run = load_package(out[2].path)
+    g = torch.Generator().manual_seed(3)
+    m, f = torch.rand(1, 1, 150, 170, generator=g) * 80, torch.rand(1, 1, 150, 170, generator=g) * 80
+    with pytest.raises(ValueError, match="takes float32, got torch.float64") as err:
+        run(m.double(), f.double())
+    assert "\n" not in str(err.value)
+    with pytest.raises(ValueError, match="rank 4"):
+        run(m[0], f[0])
+    warped, disp = run(m, f)
+    assert warped.shape == (1, 1, 150, 170) and disp.shape == (1, 2, 150, 170)
+    # a transposed (non-contiguous) view: same answer as its contiguous copy
+    mt, ft = m.transpose(2, 3), f.transpose(2, 3)
+    assert not mt.is_contiguous()
+    for a, b in zip(run(mt, ft), run(mt.contiguous(), ft.contiguous()), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_archive_inner_folder_and_raw_loader_checks(packages):
+    """Issue 11 #14: the archive's inner folder was named after the temporary file; now after the package. A bare
+    torch._inductor.aoti_load_package with AOTI_RUNTIME_CHECK_INPUTS=1 accepts batch 1 (was rejected) and
+    refuses float64 natively."""
+    _, out = packages
+    with zipfile.ZipFile(out[2].path) as zf:
+        tops = {n.split("/")[0] for n in zf.namelist()}
+    assert tops == {"reg2"}, tops
+    code = (f"import torch\np = torch._inductor.aoti_load_package({str(out[2].path)!r})\n"
+            "x = torch.rand(1, 1, 21, 13)\nprint('OK', tuple(p(x, x)[1].shape))\n"
+            "try:\n    p(x.double(), x.double())\nexcept Exception as e:\n    print('REFUSED', 'dtype' in str(e))\n")
+    env = {**os.environ, "AOTI_RUNTIME_CHECK_INPUTS": "1"}
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert "OK (1, 2, 21, 13)" in res.stdout and "REFUSED True" in res.stdout, res.stdout + res.stderr[-2000:]
 
 
 def test_contract_and_device_errors(packages):
     _, out = packages
     runner = AotiRunner(out[3].path)
     with pytest.raises(ValueError, match="rank 5"):
-        runner(torch.rand(1, 1, 8, 8), torch.rand(1, 1, 8, 8))
+        runner(torch.rand(1, 1, 9, 9), torch.rand(1, 1, 9, 9))
     with pytest.raises(ValueError, match="expects 1 channel"):
-        runner(torch.rand(1, 2, 8, 8, 8), torch.rand(1, 2, 8, 8, 8))
+        runner(torch.rand(1, 2, 9, 9, 9), torch.rand(1, 2, 9, 9, 9))
+    with pytest.raises(ValueError, match=r"sizes 9\.\.8192"):
+        runner(torch.rand(1, 1, 9, 9, 8), torch.rand(1, 1, 9, 9, 8))
     with pytest.raises(ValueError, match="'registration' artifact, expected a 'metric'"):
         AotiRunner(out[3].path, expect="metric")
     with pytest.raises(ValueError, match="runs with backend 'aoti'"):
@@ -133,3 +179,22 @@ def test_verification_failure_leaves_nothing(tmp_path):
     with pytest.raises(ValueError, match="disagrees with PyTorch"):
         export_aoti(random_regnet(2), tmp_path / "reg.pt2", tolerance=1e-12)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_cuda_serving_package_matches_eager(precision, tmp_path):
+    """The AOTInductor CUDA package of the serving graph (Triton warp ops inside), fp32 and fp16 network: built,
+    verified on export, then a raw-intensity 45x53x47 pair through Registrator against eager CUDA."""
+    from deepsim_rt.export.verify import FP16_TOL
+
+    model = random_regnet(3, seed=33, integrate_steps=2)
+    res = export_aoti(model, tmp_path / "reg3-cuda.pt2", device="cuda", precision=precision)
+    tol = FP32_TOL if precision == "fp32" else FP16_TOL
+    assert res.report.max_abs <= tol and res.info.extra["device"] == "cuda"
+    g = torch.Generator().manual_seed(7)
+    m, f = torch.rand(1, 1, 45, 53, 47, generator=g) * 100, torch.rand(1, 1, 45, 53, 47, generator=g) * 100
+    a = Registrator.load(res.path, device="cuda").register(m.cuda(), f.cuda())
+    b = Registrator.from_model(model, device="cuda").register(m.cuda(), f.cuda())
+    assert float((a.displacement - b.displacement).abs().max()) <= tol
+    assert float((a.warped - b.warped).abs().max()) / 100 <= tol

@@ -1,5 +1,6 @@
-"""Triton Inference Server repo (parsed against the server's ModelConfig schema), the flow-only graph that 3D
-TensorRT engines use (checked on CPU through ONNX Runtime), the export CLI, and TensorRT (skips here: see reason).
+"""Triton Inference Server repo (parsed against the server's ModelConfig schema) serving the raw-image graph, the
+flow-only graph older 3D TensorRT engines used (checked on CPU through ONNX Runtime), the export CLI, and TensorRT
+engines (skips here: see reason; builder logic and the plugin are tested in tests/test_export_tensorrt.py).
 """
 
 from __future__ import annotations
@@ -44,18 +45,23 @@ def cli_repo(reg3):
 def test_triton_repo_parses_and_is_complete(cli_repo, tmp_path):
     onnx_path = cli_repo[2] / "m" / "1" / "model.onnx"
     repo = write_triton_repo(onnx_path, tmp_path / "repo", name="reg3")
-    assert repo.models == ("reg3", "reg3_trt")
+    # Issue 11 #5: no `_trt` model folder (with an empty 1/) without an engine: Triton fails on such a folder
+    assert repo.models == ("reg3",) and not (tmp_path / "repo" / "reg3_trt").exists()
     cfg = parse_model_config((tmp_path / "repo" / "reg3" / "config.pbtxt").read_text())
     assert cfg.backend == "onnxruntime" and cfg.max_batch_size == 8
     assert [i.name for i in cfg.input] == ["moving", "fixed"] and list(cfg.input[0].dims) == [1, -1, -1, -1]
     assert [(o.name, list(o.dims)) for o in cfg.output] == [("warped", [1, -1, -1, -1]),
                                                            ("displacement", [3, -1, -1, -1])]
+    # the server runs the serving graph: raw images in, nothing to do before or after
+    assert cfg.parameters["deepsim_rt_intensity"].string_value == "raw"
+    assert cfg.parameters["deepsim_rt_graph"].string_value == "serving"
     assert (tmp_path / "repo" / "reg3" / "1" / "model.onnx").read_bytes() == onnx_path.read_bytes()
     meta = json.loads((tmp_path / "repo" / "reg3" / "deepsim_rt.json").read_text())
-    assert meta["spatial_multiple"] == "8" and len(meta["source_sha256"]) == 64
-    trt = parse_model_config((tmp_path / "repo" / "reg3_trt" / "config.pbtxt").read_text())
-    assert trt.platform == "tensorrt_plan" and [o.name for o in trt.output] == ["flow"]  # 3D engines: flow-only
-    assert "build it on the serving machine" in (tmp_path / "repo" / "reg3_trt" / "README.txt").read_text()
+    assert meta["spatial_multiple"] == "8" and len(meta["source_sha256"]) == 64 and meta["intensity"] == "raw"
+    # Issue 11 #5: the instructions name the repository as served, never the temporary staging folder
+    howto = (tmp_path / "repo" / "reg3" / "TENSORRT.txt").read_text()
+    assert str((tmp_path / "repo").resolve() / "reg3_trt") in howto and "staging" not in howto
+    assert "--engine" in howto and "Warp3D plugin" in howto
     with pytest.raises(ValueError, match="already exists"):
         write_triton_repo(onnx_path, tmp_path / "repo", name="reg3")
     assert not list((tmp_path / "repo").glob(".*"))  # no staging leftovers
@@ -89,6 +95,14 @@ def test_export_cli_triton_repo_and_errors(cli_repo, tmp_path, capsys):
     assert not (tmp_path / "x.onnx").exists()
 
 
+def test_export_cli_bad_max_batch_size_fails_at_once(run_cli, tmp_path):
+    """Issue 11 #12: `--max-batch-size -5` failed after an 18 s export and left an empty folder."""
+    code, text = run_cli("export", "--format", "triton-repo", "--max-batch-size", "-5", "--out", str(tmp_path / "r"))
+    assert code == 2 and "--max-batch-size must be >= 1, got -5" in text
+    assert len(text.strip().splitlines()) == 1 and "verification" not in text  # refused before exporting
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_engine_metadata_sidecar_errors(tmp_path):
     (tmp_path / "e.plan").write_bytes(b"\x00" * 64)
     with pytest.raises(ValueError, match="sidecar 'e.plan.json' is missing"):
@@ -107,17 +121,23 @@ def test_profile_checks():
     assert p.min_spatial == (48, 40) and p.opt_spatial == (96, 80) and p.max_spatial == (192, 160)
     with pytest.raises(ValueError, match="multiples of 8"):
         Profile((12, 8), (16, 16), (32, 32)).check(2, 8)
+    Profile((12, 9), (21, 37), (45, 53)).check(2, 8, serving=True)  # serving graphs: any size > the multiple
+    with pytest.raises(ValueError, match="sizes > 8"):
+        Profile((8, 9), (21, 37), (45, 53)).check(2, 8, serving=True)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(TRT_REASON is not None, reason=f"TensorRT path not testable here: {TRT_REASON}")
 @pytest.mark.parametrize("nd", [2, 3])
 def test_tensorrt_engine_matches_pytorch(nd, tmp_path, rng):
-    model = random_regnet(nd, seed=50 + nd)
-    size = (48, 40) if nd == 2 else (24, 32, 16)
-    build = build_registration_engine(model, tmp_path / "reg.plan", profiles=(Profile.around(size, 8),),
+    """One strongly typed engine per model, serving graph (3D: with the Warp3D plugin inside), verified at odd
+    sizes against PyTorch, then through Registrator; a truncated engine is a clear error."""
+    model = random_regnet(nd, seed=50 + nd, integrate_steps=2 if nd == 3 else 0)
+    size = (45, 37) if nd == 2 else (21, 29, 19)
+    build = build_registration_engine(model, tmp_path / "reg.plan", profiles=(Profile.around(size, 1),),
                                       timing_cache=tmp_path / "timing.cache")
     assert build.report.max_abs <= FP32_TOL and (tmp_path / "timing.cache").is_file()
+    assert build.info.serving and build.extra["strongly_typed"]
     reg = Registrator.load(tmp_path / "reg.plan", device="cuda")
     eager = Registrator.from_model(model, device="cuda")
     odd = tuple(s - 3 for s in size)

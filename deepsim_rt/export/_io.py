@@ -10,12 +10,30 @@ from pathlib import Path
 
 from deepsim_rt._io import atomic_write
 
-__all__ = ["atomic_file", "atomic_dir"]
+__all__ = ["atomic_file", "atomic_dir", "atomic_named_file"]
 
 
 def atomic_file(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     """write(tmp) on a temporary file beside `path` with the SAME suffix (AOTInductor wants '.pt2'), then rename."""
     return atomic_write(path, write)
+
+
+def atomic_named_file(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
+    """write(tmp) where tmp has the SAME NAME as `path`, inside a temporary folder beside it; then rename.
+
+    For writers that record their file name inside the file: AOTInductor names the archive's inner folder after the
+    package file, so a package written as '.reg.pt2.1a2b.tmp.pt2' would carry that temp name forever (issue 11 #14).
+    On failure the temporary folder is removed and `path` is untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        write(str(tmp_dir / path.name))
+        os.replace(tmp_dir / path.name, path)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    return path
 
 
 def atomic_dir(path: str | os.PathLike, write: Callable[[Path], None], overwrite: bool = False) -> Path:

@@ -1,13 +1,25 @@
 """AOTInductor packages (.pt2): torch.export with dynamic shapes -> aoti_compile_and_package, verified on load.
 
     result = export_aoti(model_or_checkpoint, "reg-cpu.pt2", device="cpu")   # or device="cuda"
-    runner = AotiRunner("reg-cpu.pt2")                                         # runner(moving, fixed)
+    runner = load_package("reg-cpu.pt2")                                       # runner(moving, fixed)
 
 The graph is the same fixed-arity module as the ONNX export (BatchNorm folded, dropout removed), with dynamic batch
-and spatial axes (multiples of the network's multiple). On CPU the warp is the ATen reference (grid_sampler, which
-Inductor compiles to C++); exported on a CUDA device the deepsim_rt ops dispatch to their Triton kernels, which
-torch.export captures as `torch.library.triton_op`s and AOTInductor compiles into the package (their CUDA
-binaries ship inside it). A package runs on the device type it was compiled for only (recorded in its metadata).
+and spatial axes: for registration by default the SERVING graph (raw float32 images of any size, normalization /
+padding / crop inside, export.serving); graph="full" keeps the network-only graph (normalized inputs, sizes a
+multiple of the network's multiple).
+
+Guards. `load_package` (= AotiRunner) checks every call before the compiled code sees it: input count, torch
+tensors, rank ndim + 2, channels, dtype float32 (float64 is REJECTED with a one-line ValueError, never reinterpreted),
+non-empty, equal shapes, sizes (a multiple of the net's m for network-only graphs; m + 1 .. 8192 for serving ones);
+non-contiguous inputs are MADE contiguous (a copy), never rejected. A package opened with the bare
+`torch._inductor.aoti_load_package` has no guards unless the environment sets AOTI_RUNTIME_CHECK_INPUTS=1: then
+AOTInductor's own checks reject a wrong dtype / rank / size / stride; our packages are compiled with
+check_lowerbound off, so those checks accept batch 1 (with it on they demand batch >= 2).
+
+On CPU the warp is the ATen reference (grid_sampler, which Inductor compiles to C++); exported on a CUDA device
+the deepsim_rt ops dispatch to their Triton kernels, which torch.export captures as `torch.library.triton_op`s
+and AOTInductor compiles into the package (their CUDA binaries ship inside it). A package runs on the device type
+it was compiled for only (recorded in its metadata).
 The deepsim_rt metadata travels in the package's own metadata (`aot_inductor.metadata`, read back with
 `get_metadata()`).
 """
@@ -23,14 +35,24 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from deepsim_rt.export._io import atomic_file
+from deepsim_rt.export._io import atomic_named_file
 from deepsim_rt.export.metadata import ARTIFACT_FORMAT, ArtifactInfo, build_metadata, io_names, parse_metadata
-from deepsim_rt.export.onnx import ExportError, dynamic_shapes, example_inputs, load_source, verification_cases
+from deepsim_rt.export.onnx import (
+    ExportError,
+    dynamic_shapes,
+    example_inputs,
+    load_source,
+    source_extra,
+    verification_cases,
+)
 from deepsim_rt.export.ort import check_inputs
-from deepsim_rt.export.verify import FP32_TOL, VerifyReport, measure
-from deepsim_rt.export.wrappers import prepare_for_export, wrap
+from deepsim_rt.export.verify import VerifyReport, measure
+from deepsim_rt.export.wrappers import GRAPHS, default_graph, prepare_for_export, wrap
 
-__all__ = ["AotiExport", "export_aoti", "AotiRunner", "read_aoti_info"]
+__all__ = ["AotiExport", "export_aoti", "AotiRunner", "load_package", "read_aoti_info", "PRECISIONS"]
+
+# Half-precision packages: the network (U-Net + flow head) runs in this dtype, integration and warp in fp32.
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -53,48 +75,66 @@ def _device(device: str | torch.device) -> torch.device:
 
 def export_aoti(model: nn.Module | str | os.PathLike, path: str | os.PathLike, *, artifact: str = "registration",
                 device: str | torch.device = "cpu", eps: float = 1e-6, source_sha256: str | None = None,
-                verify: bool = True, tolerance: float = FP32_TOL) -> AotiExport:
+                verify: bool = True, tolerance: float | None = None, graph: str | None = None,
+                precision: str = "fp32") -> AotiExport:
     """Compile `model` (nn.Module or .safetensors) into an AOTInductor package at `path` (.pt2) for `device`.
 
-    verify: load the package and compare it with eager PyTorch (same device) on random and atlas inputs at sizes
-    other than the trace example; ExportError above `tolerance` (fp32 1e-4), and nothing is written.
+    graph: None -> "serving" for registration (raw images of any size), "full" otherwise (see export.onnx).
+    precision: "fp32", or "fp16" / "bf16" (registration: the network in half precision, integration and warp in
+    fp32, I/O float32; see export.precision). verify: load the package and compare it with eager fp32 PyTorch (same
+    device) on random and atlas inputs at sizes other than the trace example; ExportError above `tolerance`
+    (default: fp32 1e-4, half precision FP16_TOL), and nothing is written.
     """
+    from deepsim_rt.export.precision import half_network, precision_tolerance
+
     t0 = time.perf_counter()
     path = Path(path)
     if path.suffix != ".pt2":
         raise ValueError(f"AOTInductor package path must end in .pt2, got {str(path)!r}")
     dev = _device(device)
+    graph = default_graph(artifact) if graph is None else graph
+    if graph not in GRAPHS or graph == "flow":
+        raise ValueError(f"an AOTInductor package holds graph 'serving' or 'full', got {graph!r}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {tuple(PRECISIONS)}, got {precision!r}")
+    tolerance = precision_tolerance(precision) if tolerance is None else tolerance
     net, sha = load_source(model, artifact, source_sha256)
     cfg = net.cfg
     inputs, outputs = io_names(artifact, len(cfg.enc_channels))
-    module = wrap(prepare_for_export(net).to(dev), artifact, eps=eps)
-    reference = wrap(_reference(net, dev), artifact, eps=eps)
-    example = tuple(x.to(dev) for x in example_inputs(cfg, artifact))
+    prepared = prepare_for_export(net)
+    if precision != "fp32":
+        prepared = half_network(prepared, PRECISIONS[precision])
+    module = wrap(prepared.to(dev), artifact, eps=eps, graph=graph)
+    reference = wrap(_reference(net, dev), artifact, eps=eps, graph=graph)
+    example = tuple(x.to(dev) for x in example_inputs(cfg, artifact, graph=graph))
     meta = build_metadata(artifact, cfg, source_sha256=sha, inputs=inputs, outputs=outputs,
+                          intensity="raw" if graph == "serving" else None,
                           extra={"device": dev.type, "eps": eps, "integrate_steps": cfg.integrate_steps,
-                                 "padding": cfg.padding, "batchnorm": "folded", "tolerance": tolerance})
+                                 "padding": cfg.padding, "batchnorm": "folded", "tolerance": tolerance,
+                                 "graph": graph, "precision": precision, **source_extra(model)})
     reports: list[VerifyReport] = []
 
     def write(tmp: str) -> None:
         try:
             with torch.no_grad():
-                ep = torch.export.export(module, example, dynamic_shapes=dynamic_shapes(cfg, artifact))
+                ep = torch.export.export(module, example, dynamic_shapes=dynamic_shapes(cfg, artifact, graph))
                 torch._inductor.aoti_compile_and_package(
-                    ep, package_path=tmp, inductor_configs={"aot_inductor.metadata": dict(meta)})
+                    ep, package_path=tmp, inductor_configs={"aot_inductor.metadata": dict(meta),
+                                                            "aot_inductor.check_lowerbound": False})
         except Exception as exc:  # export / inductor / C++ compiler errors: one clear message
             raise ExportError(f"AOTInductor export of the {artifact} model for {dev.type} failed: "
                               f"{type(exc).__name__}: {str(exc)[:500]}") from exc
         if verify:
             runner = AotiRunner(tmp, device=dev, expect=artifact)
             cases = [(name, tuple(x.to(dev) for x in xs))
-                     for name, xs in verification_cases(cfg, artifact, tuple(example[0].shape[2:]))]
-            rep = measure(reference, runner, cases, outputs, artifact=f"{artifact} AOTInductor",
+                     for name, xs in verification_cases(cfg, artifact, tuple(example[0].shape[2:]), graph)]
+            rep = measure(reference, runner, cases, outputs, artifact=f"{artifact} AOTInductor {precision}",
                           backend=f"aoti {dev.type}", tolerance=tolerance)
             rep.check()
             reports.append(rep)
 
     try:
-        atomic_file(path, write)
+        atomic_named_file(path, write)  # the archive's inner folder is named after the file: the final name
     except ExportError:
         raise
     except ValueError as exc:
@@ -157,11 +197,20 @@ class AotiRunner:
         self.model = loaded
 
     def __call__(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Guarded call (see the module docstring): ValueError on a wrong count / rank / channels / dtype / size;
+        non-contiguous inputs are copied to contiguous ones (the compiled code assumes contiguous strides)."""
         check_inputs(self.info, inputs)
         xs = [x.detach().to(self.device).contiguous() for x in inputs]
         with torch.inference_mode():
             outs = self.model(*xs)
         return tuple(outs)
+
+
+def load_package(path: str | os.PathLike, device: str | torch.device | None = None,
+                 expect: str | None = None) -> AotiRunner:
+    """The documented way to open a deepsim_rt .pt2: archive and metadata checked on load, every call guarded
+    (dtype, rank, channels, sizes; non-contiguous inputs made contiguous). Same as AotiRunner(path, ...)."""
+    return AotiRunner(path, device=device, expect=expect)
 
 
 def read_aoti_info(path: str | os.PathLike, expect: str | None = None) -> ArtifactInfo:

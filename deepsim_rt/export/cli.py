@@ -6,9 +6,14 @@
     deepsim-rt export --format triton-repo --model default-3d --out model_repository/ [--name deepsim_reg_3d]
     deepsim-rt export --format onnx --artifact metric --model default-3d --extractor seg --out deepsim3d.onnx
 
+Registration artifacts are SERVING graphs by default (--graph serving): raw float32 images of any size in,
+normalization, padding, crop and the intensity mapping inside (deepsim_rt.export.serving); --graph full keeps the
+network-only graph (inputs min-max normalized, sizes a multiple of 8). --precision fp16 / bf16 puts the network in
+half precision inside the graph (ONNX, AOTInductor, TensorRT strongly typed builds).
+
 Every export is checked against PyTorch on random and real (atlas) inputs at sizes other than the trace example;
 the measured max / mean error of every output is printed and the command fails (exit 2, nothing written) when any
-exceeds the tolerance it states (fp32: 1e-4).
+exceeds the tolerance it states (fp32: 1e-4; fp16/bf16: 2e-2). Arguments are validated before any export starts.
 """
 
 from __future__ import annotations
@@ -43,24 +48,45 @@ def _print_report(report, tolerance: float) -> None:
     print(f"OK: every output within the stated tolerance {tolerance:.1g}")
 
 
-def _cmd(args: argparse.Namespace) -> int:
-    from deepsim_rt.export.verify import FP16_TOL, FP32_TOL
+def _check_args(args: argparse.Namespace) -> None:
+    """Everything that can be refused without exporting, refused first (one line, nothing written)."""
+    from deepsim_rt.export.onnx import check_opset
 
+    if args.max_batch_size < 1:
+        raise ValueError(f"--max-batch-size must be >= 1, got {args.max_batch_size}")
+    if args.opset is not None:
+        check_opset(args.opset)
+    if args.graph != "serving" and args.artifact != "registration":
+        raise ValueError(f"--graph {args.graph} exists for --artifact registration only")
+    if args.precision != "fp32" and args.artifact != "registration":
+        raise ValueError(f"--precision {args.precision} exists for --artifact registration only")
+    if args.precision == "bf16" and args.format in ("onnx", "triton-repo") and args.opset is not None \
+            and args.opset < 22:
+        raise ValueError(f"--precision bf16 needs --opset >= 22 (ONNX Conv takes bfloat16 from opset 22), got "
+                         f"{args.opset}")
+
+
+def _cmd(args: argparse.Namespace) -> int:
+    from deepsim_rt.export.precision import precision_tolerance
+
+    _check_args(args)
     src = _source(args)
-    tol = args.tolerance if args.tolerance is not None else (FP16_TOL if args.precision == "fp16" else FP32_TOL)
+    tol = args.tolerance if args.tolerance is not None else precision_tolerance(args.precision)
+    graph = args.graph if args.artifact == "registration" else None
     verify = not args.no_verify
     out = Path(args.out)
     if args.format == "onnx":
         from deepsim_rt.export.onnx import export_onnx
 
         res = export_onnx(src, out, artifact=args.artifact, opset=args.opset, target=args.target, verify=verify,
-                          tolerance=tol)
+                          tolerance=tol, graph=graph, precision=args.precision)
         _print_report(res.report, tol)
         print(f"wrote {res.path} (opset {res.opset}, {res.seconds:.1f} s)")
     elif args.format == "aoti":
         from deepsim_rt.export.aoti import export_aoti
 
-        res = export_aoti(src, out, artifact=args.artifact, device=args.device, verify=verify, tolerance=tol)
+        res = export_aoti(src, out, artifact=args.artifact, device=args.device, verify=verify, tolerance=tol,
+                          graph=graph, precision=args.precision)
         _print_report(res.report, tol)
         print(f"wrote {res.path} ({res.device}, {res.seconds:.1f} s)")
     elif args.format == "tensorrt":
@@ -81,7 +107,8 @@ def _cmd(args: argparse.Namespace) -> int:
 
         with tempfile.TemporaryDirectory(prefix="deepsim_rt_repo_") as tmp:
             res = export_onnx(src, Path(tmp) / "model.onnx", artifact=args.artifact, opset=args.opset,
-                              target=args.target, verify=verify, tolerance=tol)
+                              target=args.target, verify=verify, tolerance=tol, graph=graph,
+                              precision=args.precision)
             _print_report(res.report, tol)
             repo = write_triton_repo(res.path, out, name=args.name, max_batch_size=args.max_batch_size,
                                      engine=args.engine, overwrite=args.overwrite)
@@ -109,13 +136,18 @@ def add_subcommands(subparsers) -> None:
     p.add_argument("--target", default="onnxruntime", choices=("onnxruntime", "tensorrt"),
                    help="ONNX consumer; 'tensorrt' keeps 2D at opset <= 19")
     p.add_argument("--device", default="cpu", help="AOTInductor target device: cpu or cuda")
-    p.add_argument("--precision", default="fp32", choices=("fp32", "fp16"), help="TensorRT precision")
+    p.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "bf16"),
+                   help="network precision inside the graph (default: %(default)s; TensorRT: fp32 / fp16)")
+    p.add_argument("--graph", default="serving", choices=("serving", "full"),
+                   help="registration graph: raw images of any size (serving) or the network on normalized, "
+                        "padded inputs (full) (default: %(default)s)")
     p.add_argument("--timing-cache", default=None, help="TensorRT timing cache file (read and updated)")
     p.add_argument("--tolerance", type=float, default=None,
                    help="max abs error allowed vs PyTorch (default 1e-4 fp32, 2e-2 fp16)")
     p.add_argument("--no-verify", action="store_true", help="skip the comparison with PyTorch (not recommended)")
     p.add_argument("--name", default=None, help="triton-repo: model name (default deepsim_<kind>_<n>d)")
-    p.add_argument("--max-batch-size", type=int, default=8, help="triton-repo: max_batch_size")
+    p.add_argument("--max-batch-size", type=int, default=8,
+                   help="triton-repo: max_batch_size, >= 1 (default: %(default)s)")
     p.add_argument("--engine", default=None, help="triton-repo: a built .plan to put in the TensorRT variant")
     p.add_argument("--overwrite", action="store_true", help="triton-repo: replace existing model folders")
     p.set_defaults(func=_cmd)

@@ -9,8 +9,12 @@ string->string dict (ONNX `metadata_props`, AOTI package metadata, a JSON sideca
     config             NetConfig JSON of the network inside (for "metric": the feature extractor's)
     ndim               "2" | "3"          spatial dims of every image input
     in_channels        channels of ONE image input (a registration model takes two such images)
-    spatial_multiple   every spatial size fed to the artifact must be a multiple of this (the runtime pads)
-    intensity          "minmax": each image scaled to [0, 1] by its own min and max before the call
+    spatial_multiple   the network's multiple (2**stages); every spatial size fed to a network-only graph must be a
+                       multiple of it (the runtime pads); a serving graph pads inside itself and takes any size
+    intensity          "minmax": each image scaled to [0, 1] by its own min and max before the call (network-only
+                       graphs); "raw": any float32 intensities, normalized inside the graph (serving graphs)
+    displacement_convention, displacement_units, channel_order, intensity_contract, size_contract
+                       (format 1.1) the contract in words, for a reader without deepsim_rt (export.serving.CONTRACT)
     inputs / outputs   JSON lists of names, in call order (fixed arity)
     deepsim_rt_version, torch_version
     source_sha256      sha256 of the source .safetensors checkpoint ("" when exported from an unsaved model)
@@ -31,15 +35,17 @@ from deepsim_rt import __version__
 from deepsim_rt.nn.config import NetConfig
 
 __all__ = [
-    "ARTIFACT_FORMAT", "FORMAT_MAJOR", "FORMAT_VERSION", "ARTIFACT_KINDS", "IO_NAMES", "ArtifactInfo",
+    "ARTIFACT_FORMAT", "FORMAT_MAJOR", "FORMAT_VERSION", "ARTIFACT_KINDS", "IO_NAMES", "RAW_INTENSITY", "ArtifactInfo",
     "build_metadata", "parse_metadata",
 ]
 
 ARTIFACT_FORMAT = "deepsim_rt.artifact"
 FORMAT_MAJOR = 1
-FORMAT_MINOR = 0
+FORMAT_MINOR = 1  # 1.1: contract-in-words keys, intensity "raw" for serving graphs
 FORMAT_VERSION = f"{FORMAT_MAJOR}.{FORMAT_MINOR}"
 ARTIFACT_KINDS = ("registration", "features", "metric")
+# "raw": a serving graph normalizes inside itself (export.serving); else the network's own contract (cfg.intensity).
+RAW_INTENSITY = "raw"
 
 # Input / output names per artifact kind, in call order. "metric" maps_* are per-level per-pixel cosine maps.
 IO_NAMES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
@@ -76,6 +82,7 @@ class ArtifactInfo:
     torch_version: str = torch.__version__
     source_sha256: str = ""
     extra: dict = field(default_factory=dict)
+    input_intensity: str = ""  # "" -> cfg.intensity; "raw" for serving graphs
 
     @property
     def ndim(self) -> int:
@@ -91,21 +98,36 @@ class ArtifactInfo:
 
     @property
     def intensity(self) -> str:
-        return self.cfg.intensity
+        """The input contract: "raw" (serving graph: any intensities) or the network's own ("minmax")."""
+        return self.input_intensity or self.cfg.intensity
+
+    @property
+    def serving(self) -> bool:
+        """True for a serving graph: raw intensities, any spatial size (no multiple condition)."""
+        return self.extra.get("graph") == "serving"
 
     def to_metadata(self) -> dict[str, str]:
         return build_metadata(self.artifact, self.cfg, source_sha256=self.source_sha256, extra=self.extra,
-                              inputs=self.inputs, outputs=self.outputs)
+                              inputs=self.inputs, outputs=self.outputs, intensity=self.input_intensity or None)
 
 
 def build_metadata(artifact: str, cfg: NetConfig, *, source_sha256: str = "", extra: Mapping | None = None,
-                   inputs: tuple[str, ...] | None = None, outputs: tuple[str, ...] | None = None) -> dict[str, str]:
-    """The flat string dict written into an artifact (see the module docstring for every key)."""
+                   inputs: tuple[str, ...] | None = None, outputs: tuple[str, ...] | None = None,
+                   intensity: str | None = None) -> dict[str, str]:
+    """The flat string dict written into an artifact (see the module docstring for every key).
+
+    intensity: None -> the network's contract (cfg.intensity); "raw" for a serving graph.
+    """
+    from deepsim_rt.export.serving import contract_text
+
     if artifact not in ARTIFACT_KINDS:
         raise ValueError(f"artifact must be one of {ARTIFACT_KINDS}, got {artifact!r}")
     if not isinstance(cfg, NetConfig):
         raise ValueError(f"cfg must be a NetConfig, got {type(cfg).__name__}")
+    if intensity not in (None, cfg.intensity, RAW_INTENSITY):
+        raise ValueError(f"intensity must be {cfg.intensity!r} or {RAW_INTENSITY!r}, got {intensity!r}")
     default_in, default_out = io_names(artifact, len(cfg.enc_channels))
+    words = contract_text(intensity or cfg.intensity, cfg.spatial_multiple) if artifact == "registration" else {}
     return {
         "format": ARTIFACT_FORMAT,
         "format_version": FORMAT_VERSION,
@@ -114,7 +136,8 @@ def build_metadata(artifact: str, cfg: NetConfig, *, source_sha256: str = "", ex
         "ndim": str(cfg.ndim),
         "in_channels": str(cfg.in_channels),
         "spatial_multiple": str(cfg.spatial_multiple),
-        "intensity": cfg.intensity,
+        "intensity": intensity or cfg.intensity,
+        **words,
         "inputs": json.dumps(list(inputs or default_in)),
         "outputs": json.dumps(list(outputs or default_out)),
         "deepsim_rt_version": __version__,
@@ -150,15 +173,23 @@ def parse_metadata(meta: Mapping[str, str] | None, where: str, expect: str | Non
         raise ValueError(f"{where}: this is a {artifact!r} artifact, expected a {expect!r} artifact")
     cfg = NetConfig.from_json(meta["config"])
     for key, value in (("ndim", cfg.ndim), ("in_channels", cfg.in_channels),
-                       ("spatial_multiple", cfg.spatial_multiple), ("intensity", cfg.intensity)):
+                       ("spatial_multiple", cfg.spatial_multiple)):
         if meta[key] != str(value):
             raise ValueError(f"{where}: metadata {key}={meta[key]!r} disagrees with its config ({value!r})")
+    if meta["intensity"] not in (cfg.intensity, RAW_INTENSITY):
+        raise ValueError(f"{where}: metadata intensity={meta['intensity']!r} is neither its config's "
+                         f"({cfg.intensity!r}) nor {RAW_INTENSITY!r}")
     try:
         inputs = tuple(json.loads(meta["inputs"]))
         outputs = tuple(json.loads(meta["outputs"]))
         extra = json.loads(meta["extra"])
     except (json.JSONDecodeError, TypeError) as exc:
         raise ValueError(f"{where}: metadata inputs/outputs/extra are not valid JSON: {exc}") from exc
+    raw = meta["intensity"] == RAW_INTENSITY
+    if raw != (extra.get("graph") == "serving"):
+        raise ValueError(f"{where}: metadata intensity={meta['intensity']!r} but graph={extra.get('graph')!r}: only "
+                         "a serving graph takes raw intensities")
     return ArtifactInfo(artifact=artifact, cfg=cfg, inputs=inputs, outputs=outputs, format_version=version,
                         deepsim_rt_version=meta["deepsim_rt_version"], torch_version=meta["torch_version"],
-                        source_sha256=meta["source_sha256"], extra=extra)
+                        source_sha256=meta["source_sha256"], extra=extra,
+                        input_intensity=RAW_INTENSITY if raw else "")

@@ -53,7 +53,9 @@ def providers_for(device: torch.device, available: list[str] | None = None) -> l
 
 
 def check_inputs(info: ArtifactInfo, inputs: tuple[torch.Tensor, ...]) -> None:
-    """Inputs against the artifact contract: count, rank ndim + 2, channels, spatial multiple, equal shapes."""
+    """Inputs against the artifact contract: count, torch tensors, rank ndim + 2, channels, float32, equal shapes,
+    non-empty, and spatial sizes: multiples of the network's multiple m (network-only graphs) or m + 1 .. 8192
+    per axis (serving graphs, info.serving). Contiguity is not required: runners make inputs contiguous."""
     if len(inputs) != len(info.inputs):
         raise ValueError(f"the {info.artifact} artifact takes {len(info.inputs)} input(s) {list(info.inputs)}, got "
                          f"{len(inputs)}")
@@ -67,11 +69,17 @@ def check_inputs(info: ArtifactInfo, inputs: tuple[torch.Tensor, ...]) -> None:
         if x.shape[1] != ch:
             raise ValueError(f"{name}: the artifact expects {ch} channel(s), got {x.shape[1]} (shape "
                              f"{tuple(x.shape)})")
-        if any(int(s) % m for s in x.shape[2:]) or any(int(s) == 0 for s in x.shape):
+        if any(int(s) == 0 for s in x.shape):
+            raise ValueError(f"{name} must not be empty, got shape {tuple(x.shape)}")
+        if info.serving and any(not m < int(s) <= 8192 for s in x.shape[2:]):
+            raise ValueError(f"{name}: this serving graph takes spatial sizes {m + 1}..8192 per axis, got "
+                             f"{tuple(x.shape[2:])}")
+        if not info.serving and any(int(s) % m for s in x.shape[2:]):
             raise ValueError(f"{name}: spatial size {tuple(x.shape[2:])} must be a non-zero multiple of {m} "
-                             "(Registrator pads automatically)")
+                             "(Registrator pads automatically; a serving-graph export takes any size)")
         if x.dtype != torch.float32:
-            raise ValueError(f"{name}: the artifact takes float32, got {x.dtype}")
+            raise ValueError(f"{name}: the artifact takes float32, got {x.dtype} (convert with .float(); "
+                             "Registrator.register does)")
     if len(inputs) == 2 and inputs[0].shape != inputs[1].shape:
         raise ValueError(f"{info.inputs[0]} and {info.inputs[1]} must have the same shape, got "
                          f"{tuple(inputs[0].shape)} and {tuple(inputs[1].shape)}")

@@ -6,16 +6,22 @@ Layout written (atomically: a temporary folder renamed into place):
     repo/<name>/config.pbtxt               ONNX Runtime backend ("onnxruntime"), dynamic batching, dynamic spatial dims
     repo/<name>/1/model.onnx
     repo/<name>/deepsim_rt.json            the artifact metadata (input contract, provenance); Triton ignores it
-    repo/<name>_trt/config.pbtxt           TensorRT backend ("tensorrt", platform tensorrt_plan)
-    repo/<name>_trt/1/model.plan           only when an engine is given: engines are specific to a GPU model and
-                                           TensorRT version, so they are built on the serving machine
-                                           (`deepsim-rt export --format tensorrt`); README.txt says so otherwise
+    repo/<name>/TENSORRT.txt               without an engine: how to build one on the serving machine and add the
+                                           TensorRT variant (engines are specific to a GPU model and TensorRT
+                                           version); no `<name>_trt` folder is written then, because Triton fails
+                                           on a model folder without a version holding a model file
+    repo/<name>_trt/config.pbtxt           only with an engine: TensorRT backend ("tensorrt", platform tensorrt_plan)
+    repo/<name>_trt/1/model.plan
     repo/<name>_trt/deepsim_rt.json
 
-A 3D registration engine is flow-only (TensorRT has no 5D GridSample, see deepsim_rt.export.tensorrt): its config
-has the single output "flow", and the client integrates/warps (deepsim_rt.kernels) or a Triton ensemble / Python
-model does. Every config.pbtxt is parsed back with `google.protobuf.text_format` into the server's
-`ModelConfig` protobuf (shipped by the tritonclient package) before the folder is renamed into place.
+The ONNX model should be a SERVING graph (export_onnx's registration default): raw float32 images of any size in,
+warped image in the moving image's units and displacement in voxels out, so clients send their images as they are
+and no Python runs before or after the model. A network-only ("minmax") graph is still accepted; its config says
+so in the deepsim_rt_intensity parameter (clients must normalize and pad). Engines from build_registration_engine
+are serving graphs too (2D: GridSample; 3D: the deepsim_rt::Warp3D plugin compiled into the engine, so the server
+needs no plugin library); an engine from an older flow-only 3D build has the single output "flow".
+Every config.pbtxt is parsed back with `google.protobuf.text_format` into the server's `ModelConfig` protobuf
+(shipped by the tritonclient package) before the folder is renamed into place.
 """
 
 from __future__ import annotations
@@ -84,6 +90,7 @@ def model_config_text(info: ArtifactInfo, name: str, backend: str, max_batch_siz
         lines.append('optimization { execution_accelerators { gpu_execution_accelerator: [ { name: "tensorrt" '
                      'parameters { key: "precision_mode" value: "FP32" } } ] } }')
     lines.append(f'parameters: {{ key: "deepsim_rt_intensity" value: {{ string_value: "{info.intensity}" }} }}')
+    lines.append(f'parameters: {{ key: "deepsim_rt_graph" value: {{ string_value: "{graph}" }} }}')
     lines.append(f'parameters: {{ key: "deepsim_rt_spatial_multiple" value: {{ string_value: '
                  f'"{info.spatial_multiple}" }} }}')
     return "\n".join(lines) + "\n"
@@ -120,6 +127,8 @@ def write_triton_repo(onnx_path: str | os.PathLike, repo: str | os.PathLike, nam
     name = name or f"deepsim_{info.artifact[:3]}_{info.ndim}d"
     if not name.replace("_", "").replace("-", "").isalnum():
         raise ValueError(f"model name must be letters, digits, '_' or '-', got {name!r}")
+    if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
+        raise ValueError(f"max_batch_size must be an int >= 1, got {max_batch_size!r}")
     trt_info = None
     if engine is not None:
         from deepsim_rt.export.tensorrt import read_engine_info
@@ -129,7 +138,8 @@ def write_triton_repo(onnx_path: str | os.PathLike, repo: str | os.PathLike, nam
             raise ValueError(f"engine {str(engine)!r} was built from another model than {str(onnx_path)!r}")
     configs: dict[str, str] = {}
     meta_json = json.dumps(info.to_metadata(), indent=1, sort_keys=True)
-    trt_outputs = ("flow",) if info.artifact == "registration" and info.ndim == 3 else info.outputs
+    trt_name = f"{name}_trt"
+    root = Path(repo)
 
     def write(root: Path) -> None:
         model_dir = root / name
@@ -137,29 +147,31 @@ def write_triton_repo(onnx_path: str | os.PathLike, repo: str | os.PathLike, nam
         shutil.copyfile(onnx_path, model_dir / "1" / "model.onnx")
         configs[name] = model_config_text(info, name, "onnxruntime", max_batch_size)
         (model_dir / "deepsim_rt.json").write_text(meta_json)
-        if tensorrt:
-            trt_name = f"{name}_trt"
+        if tensorrt and engine is not None:
             trt_dir = root / trt_name
             (trt_dir / "1").mkdir(parents=True)
-            configs[trt_name] = model_config_text(info, trt_name, "tensorrt", max_batch_size, outputs=trt_outputs)
-            if engine is not None:
-                shutil.copyfile(engine, trt_dir / "1" / "model.plan")
-                (trt_dir / "deepsim_rt.json").write_text(json.dumps(trt_info.to_metadata(), indent=1,
-                                                                    sort_keys=True))
-            else:
-                (trt_dir / "deepsim_rt.json").write_text(meta_json)
-                (trt_dir / "README.txt").write_text(
-                    "Put model.plan in 1/ before serving: TensorRT engines are specific to a GPU model and TensorRT "
-                    "version, so build it on the serving machine:\n"
-                    f"  deepsim-rt export --format tensorrt --model <checkpoint> --out {trt_dir}/1/model.plan\n"
-                    + ("This 3D model's engine is flow-only (TensorRT has no 5D GridSample): the client integrates "
-                       "and warps the 'flow' output.\n" if trt_outputs == ("flow",) else ""))
+            trt_outputs = ("flow",) if trt_info.extra.get("graph") == "flow" else trt_info.outputs
+            configs[trt_name] = model_config_text(trt_info, trt_name, "tensorrt", max_batch_size,
+                                                  outputs=trt_outputs)
+            shutil.copyfile(engine, trt_dir / "1" / "model.plan")
+            (trt_dir / "deepsim_rt.json").write_text(json.dumps(trt_info.to_metadata(), indent=1, sort_keys=True))
+        elif tensorrt:
+            # Paths named here are the FINAL ones (the repo as served), never this temporary staging folder.
+            final = Path(repo).resolve()
+            (model_dir / "TENSORRT.txt").write_text(
+                "No TensorRT variant yet: engines are specific to a GPU model and TensorRT version, so build one on "
+                "the serving machine and add it to this repository:\n"
+                f"  deepsim-rt export --format tensorrt --model <checkpoint> --out {final / (name + '.plan')}\n"
+                f"  deepsim-rt export --format triton-repo --model <checkpoint> --out {final} --name {name} "
+                f"--engine {final / (name + '.plan')} --overwrite\n"
+                f"This writes {final / trt_name}/config.pbtxt and {final / trt_name}/1/model.plan. "
+                + ("In 3D the engine contains the deepsim_rt::Warp3D plugin (our Triton warp kernel compiled to PTX "
+                   "inside the engine): the server needs no plugin library.\n" if info.ndim == 3 else "\n"))
         for model, text in configs.items():
             parse_model_config(text)  # validate against the server's schema before anything is published
             (root / model / "config.pbtxt").write_text(text)
 
-    root = Path(repo)
-    if root.exists() and any((root / m).exists() for m in (name, f"{name}_trt")) and not overwrite:
+    if root.exists() and any((root / m).exists() for m in (name, trt_name)) and not overwrite:
         raise ValueError(f"{str(root / name)!r} already exists; pass overwrite=True (CLI: --overwrite)")
     root.mkdir(parents=True, exist_ok=True)
     # Build the model folders in a temporary sibling, then move each into the repo (the repo may hold other models).

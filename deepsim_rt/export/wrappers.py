@@ -23,7 +23,7 @@ from deepsim_rt.kernels import multilayer_cosine
 from deepsim_rt.nn.config import NetConfig
 
 __all__ = ["RegistrationModule", "FlowModule", "FeaturesModule", "MetricModule", "ChannelShift", "fold_batchnorm",
-           "prepare_for_export", "wrap"]
+           "prepare_for_export", "wrap", "GRAPHS", "default_graph"]
 
 
 class ChannelShift(nn.Module):
@@ -183,13 +183,35 @@ def _need_kind(model: nn.Module, kinds: tuple[str, ...]) -> None:
                          f"{getattr(cfg, 'kind', None)!r})")
 
 
+GRAPHS = ("serving", "full", "flow")
+
+
+def default_graph(artifact: str) -> str:
+    """"serving" for registration (raw images of any size in), "full" for features / metric."""
+    return "serving" if artifact == "registration" else "full"
+
+
 def wrap(model: nn.Module, artifact: str, eps: float = 1e-6, graph: str = "full") -> nn.Module:
-    """The fixed-arity module of `artifact` around `model` (no copy). graph="flow": registration head only."""
-    if graph not in ("full", "flow"):
-        raise ValueError(f"graph must be 'full' or 'flow', got {graph!r}")
-    if graph == "flow":
+    """The fixed-arity module of `artifact` around `model` (no copy), in eval mode (a fresh wrapper would be in
+    training mode, and the ONNX exporter warns "model in training mode" for it, issue 11 #8).
+
+    graph: "full" (the network on normalized, padded inputs), "serving" (registration: raw images of any size,
+    pre/post-processing inside, see export.serving) or "flow" (registration head only).
+    """
+    return _wrap(model, artifact, eps, graph).eval()
+
+
+def _wrap(model: nn.Module, artifact: str, eps: float = 1e-6, graph: str = "full") -> nn.Module:
+    if graph not in GRAPHS:
+        raise ValueError(f"graph must be one of {GRAPHS}, got {graph!r}")
+    if graph in ("flow", "serving"):
         if artifact != "registration":
-            raise ValueError(f"graph='flow' exists for the registration artifact only, got {artifact!r}")
+            raise ValueError(f"graph={graph!r} exists for the registration artifact only, got {artifact!r}")
+        if graph == "serving":
+            from deepsim_rt.export.serving import ServingModule
+
+            _need_kind(model, ("reg",))
+            return ServingModule(model)
         return FlowModule(model)
     if artifact == "registration":
         return RegistrationModule(model)
