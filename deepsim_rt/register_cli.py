@@ -287,7 +287,8 @@ def register_pair(reg, pair: Pair) -> PairResult:
         "warnings": [*pair.notes, *(str(w.message) for w in caught if issubclass(w.category, RuntimeWarning))],
     }
     result = PairResult(_image_outputs(pair, nd, res.warped, vec, res.warped_labels), summary)
-    _add_qc(result, reg, pair, m_arr, f_arr, res.displacement)
+    # QC holds ~10 copies of the field (Jacobian entries): out of memory there is one line too
+    _guard_memory(lambda: _add_qc(result, reg, pair, m_arr, f_arr, res.displacement), f_arr.shape, "cpu")
     return result
 
 

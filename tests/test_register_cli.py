@@ -323,6 +323,7 @@ def vm():
         if line.startswith("VmSize"):
             return int(line.split()[1]) * 1024
 
+# 200 MiB more: reading (2 x 16 MiB) and the model fit; the network or the QC (~10 copies of the field) do not
 resource.setrlimit(resource.RLIMIT_AS, (vm() + 200 * 2**20, resource.RLIM_INFINITY))
 sys.exit(main(sys.argv[1:]))
 """
