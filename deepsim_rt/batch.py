@@ -15,7 +15,8 @@ folder without it holds at most part of an interrupted commit and is redone, rep
 redoes every pair.
 Shardable: under `torchrun --nproc-per-node N -m deepsim_rt.cli register --pairs ...` rank r takes rows
 r, r + N, r + 2N, ... (RANK / WORLD_SIZE from the environment, process group via deepsim_rt.train.distributed:
-gloo on CPU, nccl on CUDA with one GPU per LOCAL_RANK); rank 0 gathers every rank's rows
+gloo on CPU, nccl on CUDA with one GPU per LOCAL_RANK; --device cpu: gloo on any machine); rank 0 gathers every
+rank's rows
 (torch.distributed.all_gather_object) and writes the table. One model load per rank and model.
 Outputs of the batch itself: DIR/summary.csv and DIR/summary.json, one row per CSV row in CSV order: name, moving,
 fixed, labels, status ("done" | "skipped" | "failed"), error, model, backend, device, shape, register_s,
@@ -142,6 +143,22 @@ def _write_table(out: Path, rows: list[dict[str, Any]]) -> None:
     atomic_write(out / "summary.json", lambda tmp: Path(tmp).write_text(text))
 
 
+def _join(device: str):
+    """DistInfo of this process: torchrun's process group (nccl + one GPU per LOCAL_RANK on CUDA machines), or gloo
+    when the registrations run on the CPU (--device cpu: ranks need no GPU each, e.g. 2 ranks on a 1-GPU box)."""
+    from deepsim_rt.train.distributed import DistInfo, setup_distributed
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and str(device).startswith("cpu"):
+        import torch
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group(backend="gloo")
+        return DistInfo(int(os.environ["RANK"]), world, torch.device("cpu"))
+    return setup_distributed()
+
+
 def run_batch(pairs_csv: str | os.PathLike, out: str | os.PathLike, model: str | None = None,
               backend: str = "auto", device: str = "auto", overwrite: bool = False, progress: bool = True,
               pair_options: dict[str, Any] | None = None) -> list[dict[str, Any]]:
@@ -151,13 +168,13 @@ def run_batch(pairs_csv: str | os.PathLike, out: str | os.PathLike, model: str |
     from tqdm.auto import tqdm
 
     from deepsim_rt.register_cli import commit_outputs, default_model, read_pair, register_pair, registrator_for
-    from deepsim_rt.train.distributed import setup_distributed, teardown_distributed
+    from deepsim_rt.train.distributed import teardown_distributed
 
     rows = read_pairs_csv(pairs_csv)
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} exists and is not a folder")
-    info = setup_distributed()
+    info = _join(device)
     try:
         if info.distributed and device == "auto":
             device = str(info.device)  # one GPU per LOCAL_RANK (CPU: gloo ranks share the host)
