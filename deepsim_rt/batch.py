@@ -16,8 +16,7 @@ redoes every pair.
 Shardable: under `torchrun --nproc-per-node N -m deepsim_rt.cli register --pairs ...` rank r takes rows
 r, r + N, r + 2N, ... (RANK / WORLD_SIZE from the environment, process group via deepsim_rt.train.distributed:
 gloo on CPU, nccl on CUDA with one GPU per LOCAL_RANK; --device cpu: gloo on any machine); rank 0 gathers every
-rank's rows
-(torch.distributed.all_gather_object) and writes the table. One model load per rank and model.
+rank's rows (torch.distributed.all_gather_object) and writes the table. One model load per rank and model.
 Outputs of the batch itself: DIR/summary.csv and DIR/summary.json, one row per CSV row in CSV order: name, moving,
 fixed, labels, status ("done" | "skipped" | "failed"), error, model, backend, device, shape, register_s,
 folding_percent, sd_log_jacobian, max_displacement_voxels, warnings (count). A failed pair (bad input, one-line
