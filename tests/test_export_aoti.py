@@ -41,7 +41,7 @@ def test_export_verifies_on_random_and_real_inputs(packages):
         assert {r.output for r in rep.rows} == {"warped", "displacement"}
 
 
-@pytest.mark.parametrize("nd,sizes", [(2, [(21, 13), (40, 11)]), (3, [(9, 11, 10), (17, 10, 9)])])
+@pytest.mark.parametrize("nd,sizes", [(2, [(21, 13), (40, 11)]), (3, [(9, 11, 6), (17, 8, 5)])])
 def test_registrator_aoti_matches_pytorch_at_odd_sizes(packages, nd, sizes, rng):
     models, out = packages
     aoti = Registrator.load(out[nd].path, device="cpu")
@@ -64,6 +64,8 @@ def test_metadata_round_trips(packages):
     assert info == out[2].info and info.cfg == models[2].cfg and len(info.source_sha256) == 64
     assert info.extra["device"] == "cpu" and info.extra["batchnorm"] == "folded"
     assert info.serving and info.intensity == "raw" and info.extra["precision"] == "fp32"
+    # 3D packages keep the network-only graph (the 3D serving package fails its own verification, aoti docstring)
+    assert not out[3].info.serving and out[3].info.extra["graph"] == "full"
     info3 = AotiRunner(out[3].path, expect="registration").info
     assert info3.cfg.ndim == 3 and info3.source_sha256 == ""
 
@@ -113,7 +115,7 @@ def test_contract_and_device_errors(packages):
         runner(torch.rand(1, 1, 9, 9), torch.rand(1, 1, 9, 9))
     with pytest.raises(ValueError, match="expects 1 channel"):
         runner(torch.rand(1, 2, 9, 9, 9), torch.rand(1, 2, 9, 9, 9))
-    with pytest.raises(ValueError, match=r"sizes 9\.\.8192"):
+    with pytest.raises(ValueError, match="multiple of 8"):
         runner(torch.rand(1, 1, 9, 9, 8), torch.rand(1, 1, 9, 9, 8))
     with pytest.raises(ValueError, match="'registration' artifact, expected a 'metric'"):
         AotiRunner(out[3].path, expect="metric")
@@ -185,11 +187,12 @@ def test_verification_failure_leaves_nothing(tmp_path):
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_cuda_serving_package_matches_eager(precision, tmp_path):
     """The AOTInductor CUDA package of the serving graph (Triton warp ops inside), fp32 and fp16 network: built,
-    verified on export, then a raw-intensity 45x53x47 pair through Registrator against eager CUDA."""
+    verified on export (the 3D serving package is wrong on CPU Inductor, see export.aoti: this says whether CUDA
+    shares the problem), then a raw-intensity 45x53x47 pair through Registrator against eager CUDA."""
     from deepsim_rt.export.verify import FP16_TOL
 
     model = random_regnet(3, seed=33, integrate_steps=2)
-    res = export_aoti(model, tmp_path / "reg3-cuda.pt2", device="cuda", precision=precision)
+    res = export_aoti(model, tmp_path / "reg3-cuda.pt2", device="cuda", precision=precision, graph="serving")
     tol = FP32_TOL if precision == "fp32" else FP16_TOL
     assert res.report.max_abs <= tol and res.info.extra["device"] == "cuda"
     g = torch.Generator().manual_seed(7)
