@@ -38,7 +38,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/report.py
 
 # One script for a lent GPU machine (torch + triton there, run with PYTHONPATH=.): preflight, CUDA tests, GPU
-# benchmarks; results under $$OUT (else benchmarks/results/) as each part ends. <= 450 s by its own budgets.
+# benchmarks; results under $$OUT (else benchmarks/results/tmp/gpu_check_out/) as each part ends. <= 450 s.
 gpu-check:
 	bash benchmarks/gpu_check.sh
 

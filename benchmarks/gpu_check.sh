@@ -4,7 +4,7 @@
 #   PYTHONPATH=. bash benchmarks/gpu_check.sh          # from the repo root (make gpu-check)
 #
 # Results go under $OUT when set (the lent GPU machine sends back at most 8 files from there), else
-# benchmarks/results/. Each part folds its results in AS SOON AS IT ENDS, so a run killed at its limit loses only
+# benchmarks/results/tmp/gpu_check_out/. Each part folds its results in AS SOON AS IT ENDS, so a run killed at its limit loses only
 # the part that was running:
 #   gpu_check.log             every part's output, appended live
 #   gpu_check.json            card, versions, toolchain + one record per finished part (rc, seconds, test counts)
@@ -33,7 +33,9 @@
 set -u
 cd "$(dirname "$0")/.." || exit 2
 ROOT=$(pwd)
-DEST=${OUT:-$ROOT/benchmarks/results}
+# Without $OUT: a git-ignored folder (gpu_check.json there would break report.py's glob of benchmarks/results/*.json);
+# copy the gpu-*.json files into benchmarks/results/ to commit them.
+DEST=${OUT:-$ROOT/benchmarks/results/tmp/gpu_check_out}
 WORK=${GPU_CHECK_WORK:-$ROOT/benchmarks/results/tmp/gpu_check}  # per-part raw files (junit, report): never under $OUT
 rm -rf "$WORK"
 mkdir -p "$DEST" "$WORK"
@@ -123,7 +125,7 @@ fi
 # ---- 6. report over this run's JSON + the committed results (other machines side by side) ----------------------
 JSONS=()
 for f in "$DEST"/gpu-*.json "$ROOT"/benchmarks/results/*.json; do
-    [ -s "$f" ] && [ "$(basename "$f")" != gpu_static.json ] && JSONS+=("$f")
+    [ -s "$f" ] && JSONS+=("$f")
 done
 part report 15 "$PY" benchmarks/report.py "${JSONS[@]}" --out "$WORK/RESULTS.md" --plot "$WORK/speedups.png" \
     --summary

@@ -6,7 +6,14 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks.gpu_static import REG_LIMIT, count_layout_conversions, format_table, parse_ptxas_log, row_problems
+from benchmarks.gpu_static import (
+    ACCEPTED_SPILLS,
+    REG_LIMIT,
+    count_layout_conversions,
+    format_table,
+    parse_ptxas_log,
+    row_problems,
+)
 
 # ptxas -v of two entries, as triton 3.9's ptxas-blackwell prints it (sm_90a), the second with spills.
 PTXAS_LOG = """\
@@ -93,6 +100,15 @@ def test_rules_that_depend_on_dtype_and_kernel():
     assert row_problems(_row(dtype="fp64", regs=200)) != []
     # Layout conversions are a rule for the warp kernels (atomics); the cosine kernels' final reduction needs some.
     assert row_problems(_row(kernel="_cos_fwd_kernel", family="cosine", loop_converts=3)) == []
+
+
+def test_an_accepted_spill_passes_up_to_its_bytes_only():
+    (triton, arch, kernel, variant), most = next(iter(ACCEPTED_SPILLS.items()))
+    row = _row(triton=triton, arch=arch, kernel=kernel, variant=variant, family="cosine", spill_stores=4,
+               spill_loads=most - 4)
+    assert row_problems(row) == []
+    assert row_problems({**row, "spill_loads": most}) != []
+    assert row_problems({**row, "arch": "sm_90"}) != []  # only where it was looked at
 
 
 def test_a_compile_error_is_the_only_reason_given():
