@@ -24,6 +24,7 @@ SUBCOMMAND_MODULES = (
     "deepsim_rt.evaluate.cli",   # evaluate, study
     "deepsim_rt.demo",           # demo
     "deepsim_rt.register_cli",   # register
+    "deepsim_rt.apply_cli",      # apply
     "deepsim_rt.export.cli",     # export
     "deepsim_rt.anomaly.cli",    # changes, evaluate-changes
 )

@@ -2,15 +2,21 @@
 
     deepsim-rt register --moving m.nii.gz --fixed f.nii.gz --out DIR [--labels m_labels.nii.gz]
                         [--model default-3d|default-2d|PATH] [--backend auto|eager|compile|onnxruntime|aoti|tensorrt]
-                        [--device auto|cpu|cuda] [--overwrite]
+                        [--device auto|cpu|cuda] [--affine rigid|affine] [--label-mode generic|nearest]
+                        [--overwrite]
     deepsim-rt register --pairs pairs.csv --out DIR [same options]     (a batch: deepsim_rt.batch; columns
                         moving, fixed[, labels][, name]; resumable; rows shared among torchrun ranks)
 
 Inputs, any size (the runtime pads to the network's multiple and crops back; intensities are min-max normalized as
 the model expects):
   NIfTI (.nii / .nii.gz): 3D volumes for a 3D model; 2D images (X, Y) or single-slice volumes (X, Y, 1) for a 2D
-      model. moving and fixed must have the same shape AND the same affine (a learned network registers voxel
-      grids: resample moving onto the fixed grid first). Labels: integer-valued, same shape and affine as moving.
+      model. When moving and fixed differ in shape or affine, moving is resampled onto the fixed grid from the two
+      affines (linear; said in the warnings and summary.json "grid"). --affine runs a rigid / affine
+      pre-alignment first (deepsim_rt.transforms.affine). Both images then go to the model's training voxel
+      spacing (checkpoint metadata "spacing_mm"; same field of view), the network runs there and its displacement
+      comes back to the fixed grid (deepsim_rt.transforms.scale). The original moving image and labels are
+      sampled once through the composed map. Labels: integer-valued, same shape and affine as moving; warped
+      with --label-mode (generic: ANTs' genericLabel; nearest).
   PNG / NPY: 2D only (PNG greyscale, 8 or 16 bit; colour PNGs are converted to luminance; label PNGs keep their
       palette indices). NPY: a 2D or 3D numeric array.
   Without --model, the bundled model matching the data's dimensionality is used.
@@ -21,7 +27,10 @@ never overwritten, even with --overwrite. A failed write leaves nothing new behi
   NIfTI inputs -> warped.nii.gz, displacement.nii.gz, warped_labels.nii.gz (with --labels); all with the FIXED
       image's affine and header. displacement.nii.gz is 4D (X, Y, Z, 3) (2D: (X, Y, 2)), float32, the vector on
       the LAST axis: component i is the displacement along voxel axis i in VOXELS (not mm),
-      warped(p) = moving(p + u(p)).
+      warped(p) = moving(p + u(p)) (other grids: moving sampled at voxel A_m^-1 A_f (p + u(p)); the affine
+      pre-alignment is composed in). transform_itk.nii.gz: the same map as an ITK / ANTs displacement field, 5D
+      (X, Y, Z, 1, 3), intent vector, LPS millimetres, fixed -> moving points (deepsim_rt.transforms.itk):
+      `antsApplyTransforms -r fixed -i moving -t transform_itk.nii.gz` reproduces warped.nii.gz.
   PNG inputs -> warped.png (the input's bit depth, rounded and clipped), displacement.npy, warped_labels.png.
   NPY inputs -> warped.npy, displacement.npy, warped_labels.npy.
   displacement.npy is (*S, ndim), vector on the last axis, voxels, as the NIfTI.
@@ -239,14 +248,20 @@ def read_pair(moving: str | os.PathLike, fixed: str | os.PathLike,
     """Read and check a pair's input files (no model needed yet); ValueError on anything unusable."""
     mov = read_image(moving)
     fix = read_image(fixed)
-    _check_same_grid(mov, fix, "moving and fixed")
+    notes = []
+    if mov.kind == fix.kind == "nifti":  # other grids are resampled from the affines (deepsim_rt.transforms)
+        if mov.disk_shape != fix.disk_shape or float(np.abs(mov.affine - fix.affine).max()) > _AFFINE_ATOL_MM:
+            notes.append(f"moving {mov.disk_shape} and fixed {fix.disk_shape} are on different voxel grids: moving "
+                         "resampled onto the fixed grid from the two affines (linear; labels: the label mode)")
+    else:
+        _check_same_grid(mov, fix, "moving and fixed")
     lab = None
     if labels is not None:
         lab = read_image(labels, labels=True)
         _check_same_grid(mov, lab, "moving and labels")
     if mov.kind == "png" and mov.data.ndim != 2:
         raise ValueError(f"{mov.path}: PNG inputs must be greyscale 2D images, got shape {mov.data.shape}")
-    return Pair(mov, fix, lab)
+    return Pair(mov, fix, lab, notes)
 
 
 def default_model(pair: Pair) -> str:
@@ -261,8 +276,14 @@ def load_registrator(model: str, backend: str = "auto", device: str = "auto"):
     return Registrator.load(model, backend=backend, device=device)
 
 
-def register_pair(reg, pair: Pair) -> PairResult:
-    """Register a read pair with a loaded Registrator; returns the outputs (in memory) and the summary."""
+def register_pair(reg, pair: Pair, affine: str | None = None, label_mode: str | None = None,
+                  refine: Any = None) -> PairResult:
+    """Register a read pair with a loaded Registrator; returns the outputs (in memory) and the summary.
+    affine: None | "rigid" | "affine" pre-alignment (NIfTI only); label_mode: "generic" | "nearest" (None: the
+    default, deepsim_rt.transforms.resample.DEFAULT_LABEL_MODE)."""
+    from deepsim_rt.transforms.resample import DEFAULT_LABEL_MODE
+
+    label_mode = label_mode or DEFAULT_LABEL_MODE
     nd = reg.ndim
     m_arr = _spatial(pair.moving, nd, "moving").astype(np.float32)
     f_arr = _spatial(pair.fixed, nd, "fixed").astype(np.float32)
@@ -271,13 +292,27 @@ def register_pair(reg, pair: Pair) -> PairResult:
         lab = pair.labels
         l_arr = _spatial(ImageFile(lab.path, lab.kind, _label_array(lab), disk_shape=lab.disk_shape), nd, "labels")
 
+    def run(m, f, lab, spacing=None):
+        return reg.register(m, f, lab, spacing=spacing, label_mode=label_mode, refine=refine)
+
     t0 = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        res = _guard_memory(lambda: reg.register(m_arr, f_arr, l_arr), m_arr.shape, reg.device)
+        if pair.moving.kind == "nifti":  # world space: grids, pre-alignment, the model's spacing, ITK transform
+            from deepsim_rt.transforms.pipeline import register_world
+
+            warped, u, warped_labels, grid = _guard_memory(lambda: register_world(
+                run, m_arr, pair.moving.affine, f_arr, pair.fixed.affine, l_arr, affine, label_mode,
+                (str(pair.moving.path), str(pair.fixed.path))), f_arr.shape, reg.device)
+        else:
+            if affine is not None:
+                raise ValueError(f"--affine needs NIfTI inputs (world coordinates from their affines), got "
+                                 f"{pair.moving.kind.upper()} files")
+            res = _guard_memory(lambda: run(m_arr, f_arr, l_arr), m_arr.shape, reg.device)
+            warped, u, warped_labels, grid = res.warped, res.displacement, res.warped_labels, {"network": res.scale}
     seconds = time.perf_counter() - t0
 
-    vec = np.moveaxis(res.displacement, 0, -1).astype(np.float32)  # (*S, ndim): vector on the last axis
+    vec = np.moveaxis(u, 0, -1).astype(np.float32)  # (*S, ndim): vector on the last axis
     summary: dict[str, Any] = {
         "moving": str(pair.moving.path), "fixed": str(pair.fixed.path),
         "labels": None if pair.labels is None else str(pair.labels.path),
@@ -286,9 +321,15 @@ def register_pair(reg, pair: Pair) -> PairResult:
         "max_displacement_voxels": float(np.abs(vec).max()),
         "warnings": [*pair.notes, *(str(w.message) for w in caught if issubclass(w.category, RuntimeWarning))],
     }
-    result = PairResult(_image_outputs(pair, nd, res.warped, vec, res.warped_labels), summary)
+    summary["grid"] = {**grid, "label_mode": label_mode}
+    result = PairResult(_image_outputs(pair, nd, warped, vec, warped_labels), summary)
+    if pair.moving.kind == "nifti":
+        from deepsim_rt.transforms.itk import save_itk_displacement
+
+        fix = pair.fixed
+        result.files["transform_itk.nii.gz"] = lambda p: save_itk_displacement(p, vec, fix.affine, fix.header)
     # QC holds ~10 copies of the field (Jacobian entries): out of memory there is one line too
-    _guard_memory(lambda: _add_qc(result, reg, pair, m_arr, f_arr, res.displacement), f_arr.shape, "cpu")
+    _guard_memory(lambda: _add_qc(result, reg, pair, m_arr, f_arr, u), f_arr.shape, "cpu")
     return result
 
 
@@ -487,8 +528,10 @@ def registrator_for(pair: Pair, model: str | None, backend: str = "auto", device
 
 def run_register(moving: str | os.PathLike, fixed: str | os.PathLike, out: str | os.PathLike,
                  labels: str | os.PathLike | None = None, model: str | None = None, backend: str = "auto",
-                 device: str = "auto", overwrite: bool = False) -> dict[str, Any]:
+                 device: str = "auto", overwrite: bool = False, affine: str | None = None,
+                 label_mode: str | None = None, refine: Any = None) -> dict[str, Any]:
     """Register files; returns the pair's summary plus "outputs" (written paths) and "seconds" (registration).
+    affine / label_mode: see `register_pair`.
 
     Nothing is written until every input has been read and checked and the registration has run; then all
     outputs appear together (see `commit_outputs`).
@@ -497,9 +540,9 @@ def run_register(moving: str | os.PathLike, fixed: str | os.PathLike, out: str |
     pair = read_pair(moving, fixed, labels)
     t_read = time.perf_counter() - t0
     t0 = time.perf_counter()
-    reg = registrator_for(pair, model, backend, device)
+    reg = registrator_for(pair, model, backend, device, refine)
     t_load = time.perf_counter() - t0
-    result = register_pair(reg, pair)
+    result = register_pair(reg, pair, affine=affine, label_mode=label_mode, refine=refine)
     result.summary["timings_s"].update(read=t_read, load_model=t_load)
     written = commit_outputs(out, result, pair.paths, overwrite=overwrite)
     info = dict(result.summary)
@@ -509,12 +552,15 @@ def run_register(moving: str | os.PathLike, fixed: str | os.PathLike, out: str |
 
 
 def _cmd(args: argparse.Namespace) -> int:
+    from deepsim_rt.refine.cli import refine_config_from_args
+
     if args.pairs is not None:
-        return _batch_cmd(args)
+        return _batch_cmd(args, refine_config_from_args(args))
     if args.moving is None or args.fixed is None:
         raise ValueError("give --moving and --fixed (one pair) or --pairs CSV (a batch)")
     info = run_register(args.moving, args.fixed, args.out, labels=args.labels, model=args.model,
-                        backend=args.backend, device=args.device, overwrite=args.overwrite)
+                        backend=args.backend, device=args.device, overwrite=args.overwrite, affine=args.affine,
+                        label_mode=args.label_mode, refine=refine_config_from_args(args))
     print(f"registered {args.moving} -> {args.fixed} ({'x'.join(map(str, info['shape']))}) with {info['model']} "
           f"on {info['backend']} ({info['device']}) in {info['seconds'] * 1000:.1f} ms; max |u| = "
           f"{info['max_displacement_voxels']:.2f} voxels")
@@ -525,13 +571,14 @@ def _cmd(args: argparse.Namespace) -> int:
     return 0
 
 
-def _batch_cmd(args: argparse.Namespace) -> int:
+def _batch_cmd(args: argparse.Namespace, refine: Any) -> int:
     from deepsim_rt.batch import run_batch
 
     if args.moving is not None or args.fixed is not None or args.labels is not None:
         raise ValueError("--pairs takes moving, fixed and labels from the CSV; drop --moving / --fixed / --labels")
     rows = run_batch(args.pairs, args.out, model=args.model, backend=args.backend, device=args.device,
-                     overwrite=args.overwrite)
+                     overwrite=args.overwrite, pair_options={"affine": args.affine, "label_mode": args.label_mode,
+                                                             "refine": refine})
     counts = {s: sum(r["status"] == s for r in rows) for s in ("done", "skipped", "failed")}
     if os.environ.get("RANK", "0") == "0":
         for r in rows:
@@ -558,12 +605,22 @@ def add_subcommands(subparsers) -> None:
                         "finished pairs are skipped, rows are shared among torchrun ranks; OUT/summary.csv and "
                         "summary.json tabulate them (deepsim_rt.batch)")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--labels", default=None, help="label map of the moving image (warped with nearest neighbour)")
+    p.add_argument("--labels", default=None, help="label map of the moving image (warped with --label-mode)")
+    p.add_argument("--label-mode", default=None, choices=("generic", "nearest"),
+                   help="label warping: generic (ANTs genericLabel: each label's indicator linearly, arg-max) or "
+                        "nearest (default: generic)")
+    p.add_argument("--affine", default=None, choices=("rigid", "affine"),
+                   help="NIfTI only: rigid or affine pre-alignment (moments + Adam on NCC at 8 and 4 mm) before the "
+                        "network, composed into the saved transforms (default: none)")
     p.add_argument("--model", default=None,
-                   help="default-2d, default-3d or a .safetensors/.onnx/.pt2/.plan path (default: the bundled "
-                        "model matching the data's dimensionality)")
+                   help="default-2d, default-3d, a .safetensors/.onnx/.pt2/.plan path, or none (with --refine: "
+                        "pure optimisation from zero) (default: the bundled model matching the data's "
+                        "dimensionality)")
     p.add_argument("--backend", default="auto", choices=BACKEND_CHOICES, help="runtime backend (default: %(default)s)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:i] (default: %(default)s)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace existing outputs in --out (never an input file; default: refuse)")
+    from deepsim_rt.refine.cli import add_refine_arguments
+
+    add_refine_arguments(p)
     p.set_defaults(func=_cmd)

@@ -118,11 +118,15 @@ def test_bad_inputs_write_nothing(pair3d, models, capsys):
     out = d / "never"
     base = ["register", "--out", str(out), "--model", str(models[3])]
     _write(d / "small.nii.gz", mov[:12], aff)
-    _fails([*base, "--moving", str(d / "small.nii.gz"), "--fixed", str(d / "f.nii.gz")], capsys, "shapes differ")
+    # moving and fixed on different grids are resampled (tests/test_transforms_runtime.py); labels must share the
+    # moving image's grid
+    _fails([*base, "--moving", str(d / "m.nii.gz"), "--fixed", str(d / "f.nii.gz"), "--labels",
+            str(d / "small.nii.gz")], capsys, "shapes differ")
     shifted = aff.copy()
     shifted[0, 3] += 2.0
-    _write(d / "moved.nii.gz", mov, shifted)
-    _fails([*base, "--moving", str(d / "moved.nii.gz"), "--fixed", str(d / "f.nii.gz")], capsys, "affines differ")
+    _write(d / "moved.nii.gz", lab, shifted)
+    _fails([*base, "--moving", str(d / "m.nii.gz"), "--fixed", str(d / "f.nii.gz"), "--labels",
+            str(d / "moved.nii.gz")], capsys, "affines differ")
     _write(d / "4d.nii.gz", np.stack([mov, mov], -1), aff)
     _fails([*base, "--moving", str(d / "4d.nii.gz"), "--fixed", str(d / "4d.nii.gz")], capsys, "expected a 3D image")
     _fails(["register", "--out", str(out), "--model", str(models[2]), "--moving", str(d / "m.nii.gz"), "--fixed",

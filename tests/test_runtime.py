@@ -137,7 +137,7 @@ def test_labels_nearest(reg2d, rng):
     m = torch.rand(1, 1, *size, generator=rng)
     f = torch.rand(1, 1, *size, generator=rng)
     lab = torch.randint(0, 4, (1, 1, *size), generator=rng, dtype=torch.int32) * 7
-    out = Registrator.from_model(reg2d, device="cpu").register(m, f, lab)
+    out = Registrator.from_model(reg2d, device="cpu").register(m, f, lab, label_mode="nearest")
     assert out.warped_labels.dtype == torch.int32
     assert set(out.warped_labels.unique().tolist()) <= {0, 7, 14, 21}
     assert torch.equal(out.warped_labels, warp(lab, out.displacement, mode="nearest", padding="border"))
