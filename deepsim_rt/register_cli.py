@@ -327,7 +327,10 @@ def register_pair(reg, pair: Pair, affine: str | None = None, label_mode: str | 
         from deepsim_rt.transforms.itk import save_itk_displacement
 
         fix = pair.fixed
-        result.files["transform_itk.nii.gz"] = lambda p: save_itk_displacement(p, vec, fix.affine, fix.header)
+        itk_vec = vec
+        if len(fix.disk_shape) == 3 and nd == 2:  # a single-slice (X, Y, 1) file: ITK reads it as 3D, so 3D field
+            itk_vec = np.concatenate([vec, np.zeros_like(vec[..., :1])], -1).reshape(*fix.disk_shape, 3)
+        result.files["transform_itk.nii.gz"] = lambda p: save_itk_displacement(p, itk_vec, fix.affine, fix.header)
     # QC holds ~10 copies of the field (Jacobian entries): out of memory there is one line too
     _guard_memory(lambda: _add_qc(result, reg, pair, m_arr, f_arr, u), f_arr.shape, "cpu")
     return result

@@ -74,6 +74,8 @@ def _compare(out, moving_path, fixed_path, margin=3):
     m = ants.image_read(str(moving_path))
     res = ants.apply_transforms(fixed=f, moving=m, transformlist=[str(out / "transform_itk.nii.gz")],
                                 interpolator="linear").numpy()
+    if warped.ndim == 3 and warped.shape[-1] == 1:  # single-slice (X, Y, 1) files: a 2D registration
+        warped, mov, res = warped[..., 0], mov[..., 0], res[..., 0]
     nd = mov.ndim
     d = read_displacement(out / "displacement.nii.gz")
     q = source_coords(torch.from_numpy(np.moveaxis(d.u, -1, 0))[None], Grid.of(warped.shape, fixed_img.affine),
@@ -125,17 +127,28 @@ def test_ants_reproduces_warped_other_grid_with_rigid_prealignment(tmp_path, mod
     assert err <= TOL * rng, (err, rng)
 
 
-def test_ants_reproduces_warped_2d_oblique(tmp_path, run_cli):
+@pytest.mark.parametrize("single_slice", [False, True], ids=["XY", "XY1"])
+def test_ants_reproduces_warped_2d_oblique(tmp_path, run_cli, single_slice):
+    """2D images as (X, Y) files (a 2D ITK field) and as single-slice (X, Y, 1) volumes, which ITK reads as 3D
+    (register then writes a 3D field with a zero z component)."""
     model = save_model(tmp_path / "reg2.safetensors", random_regnet(2, seed=6),
                        extra=scale_metadata(spacing=(2.0, 2.0)))
     shape = (70, 62)
     aff = _affine(17.0, (1.5, 2.5), (-50.0, -70.0))
     centre = aff[:2, :2] @ (np.asarray(shape) - 1) / 2 + aff[:2, 3]
-    _save(tmp_path / "m.nii.gz", _blob_image(shape, aff, centre + [3, -2], 3), aff)
-    _save(tmp_path / "f.nii.gz", _blob_image(shape, aff, centre, 4), aff)
+    as_file = (lambda x: x[..., None]) if single_slice else (lambda x: x)
+    _save(tmp_path / "m.nii.gz", as_file(_blob_image(shape, aff, centre + [3, -2], 3)), aff)
+    _save(tmp_path / "f.nii.gz", as_file(_blob_image(shape, aff, centre, 4)), aff)
     err, rng, n, _ = _register_and_compare(run_cli, tmp_path, model)
     assert n > 0.5 * np.prod([s - 6 for s in shape])
     assert err <= TOL * rng, (err, rng)
+    # and `apply` reads the field back (either layout) and reproduces warped.nii.gz
+    code, text = run_cli("apply", "--transform", str(tmp_path / "o" / "transform_itk.nii.gz"), "--input",
+                         str(tmp_path / "m.nii.gz"), "--out", str(tmp_path / "a.nii.gz"), "--padding", "border")
+    assert code == 0, text
+    np.testing.assert_allclose(nib.load(str(tmp_path / "a.nii.gz")).get_fdata(dtype=np.float32).reshape(shape),
+                               nib.load(str(tmp_path / "o" / "warped.nii.gz")).get_fdata(dtype=np.float32)
+                               .reshape(shape), rtol=0, atol=1e-4 * rng)
 
 
 def test_generic_label_mode_matches_ants_genericlabel(tmp_path, model3d, run_cli):

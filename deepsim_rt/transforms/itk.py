@@ -123,8 +123,8 @@ class Displacement:
 
 
 def read_displacement(path: str | os.PathLike) -> Displacement:
-    """Read a displacement in voxel form (.nii/.nii.gz (X, Y, Z, 3) or (X, Y, 2); .npy (*S, nd)) or ITK form
-    (5D .nii/.nii.gz (X, Y, Z, 1, 3) / (X, Y, 1, 1, 2), intent vector, LPS mm). ValueError on anything else."""
+    """Read a displacement in voxel form (.nii/.nii.gz (X, Y, Z, 3), (X, Y, 2) or (X, Y, 1, 2); .npy (*S, nd)) or
+    ITK form (5D .nii/.nii.gz (X, Y, Z, 1, 3) / (X, Y, 1, 1, 2), intent vector, LPS mm). ValueError otherwise."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"transform file not found: {path}")
@@ -157,7 +157,12 @@ def read_displacement(path: str | os.PathLike) -> Displacement:
         else:
             d = data[:, :, :, 0, :]
         check_affine(affine, nd, str(path))
-        return Displacement(itk_to_voxel(_finite(d, path), affine), affine, img.header, "itk", path)
+        u = itk_to_voxel(_finite(d, path), affine)
+        if nd == 3 and u.shape[2] == 1 and float(np.abs(u[..., 2]).max()) <= 1e-4:
+            u = u[:, :, 0, :2]  # a single-slice (X, Y, 1) registration's field: in-plane, the 2D voxel form
+        return Displacement(u, affine, img.header, "itk", path)
+    if data.ndim == 4 and data.shape[2:] == (1, 2):  # a single-slice (X, Y, 1) registration's 2D field
+        data = data[:, :, 0, :]
     if (data.ndim == 4 and data.shape[3] == 3) or (data.ndim == 3 and data.shape[2] == 2):
         nd = data.shape[-1]
         check_affine(affine, nd, str(path))
