@@ -21,8 +21,11 @@ and renamed only when verification passed; a failure leaves nothing behind.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -113,6 +116,23 @@ def source_extra(model: nn.Module | str | os.PathLike) -> dict:
     if grid is not None:
         out["train_grid"] = list(grid)
     return out
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """The dynamo exporter's internal chatter is not the user's business (issue 11 #8 saw it on every
+    `--backend onnxruntime` call): its "torchvision is not installed" log lines and its axis-renaming /
+    deprecation warnings are silenced for the duration of the export; errors still raise."""
+    logger = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", module=r"torch\.onnx.*")
+            warnings.filterwarnings("ignore", category=FutureWarning)
+            yield
+    finally:
+        logger.setLevel(level)
 
 
 def load_source(model: nn.Module | str | os.PathLike, artifact: str,
@@ -295,11 +315,12 @@ def export_onnx(model: nn.Module | str | os.PathLike, path: str | os.PathLike, *
 
     def write(tmp: str) -> None:
         try:
-            program = torch.onnx.export(module, example, dynamo=True, opset_version=opset,
-                                        input_names=list(inputs), output_names=list(outputs),
-                                        dynamic_shapes=dynamic_shapes(cfg, artifact, graph), optimize=True,
-                                        external_data=False, verbose=False, report=False,
-                                        custom_translation_table=table)
+            with _quiet_exporter():
+                program = torch.onnx.export(module, example, dynamo=True, opset_version=opset,
+                                            input_names=list(inputs), output_names=list(outputs),
+                                            dynamic_shapes=dynamic_shapes(cfg, artifact, graph), optimize=True,
+                                            external_data=False, verbose=False, report=False,
+                                            custom_translation_table=table)
             program.save(tmp, external_data=False)
         except Exception as exc:  # the exporter raises many types; report one clear error
             raise ExportError(f"ONNX export of the {artifact} model failed: {type(exc).__name__}: {exc}") from exc
