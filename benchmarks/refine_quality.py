@@ -40,11 +40,13 @@ from deepsim_rt.refine import RefineConfig, load_extractor, model_extractor  # n
 from deepsim_rt.train.data import open_source  # noqa: E402
 
 METHODS = ("none", "network", "network+ncc", "network+mse", "network+deepsim_seg", "network+deepsim_ae",
-           "zero+ncc", "zero+deepsim_seg", "ants_syn_cc")
+           "zero+ncc", "zero+deepsim_seg", "ants_syn_cc", "ants_syn_cc_long")
 # ANTs SyN with the CC metric (radius 4, as antspyx's "SyNCC"), deformable only: the pairs are already in one
 # space (synthetic deformations of one template), so no rigid/affine stage; antspyx's default SyN schedule.
 ANTS_KW = {"type_of_transform": "SyNOnly", "syn_metric": "CC", "syn_sampling": 4, "initial_transform": "Identity",
            "reg_iterations": (40, 20, 0), "random_seed": 1}
+# A stronger schedule (antsRegistrationSyN.sh's SyN iterations, 4 levels, the finest one optimised too)
+ANTS_LONG = {"reg_iterations": (100, 70, 50, 20)}
 
 
 def ants_register_fn(**overrides):
@@ -70,14 +72,24 @@ def ants_register_fn(**overrides):
     return register
 
 
+def _split(method: str) -> tuple[str, dict]:
+    """"network+ncc:iterations=5,levels=2" -> ("network+ncc", {"iterations": 5, "levels": 2})."""
+    base, _, extra = method.partition(":")
+    return base, (eval(f"dict({extra})", {}) if extra else {})  # noqa: S307 - a developer's command line
+
+
 def _register_fns(method: str, source, model, model_path: str, cfg: RefineConfig):
     nd = source.ndim
+    method, extra = _split(method)
+    cfg = dataclasses.replace(cfg, **extra)
     if method == "none":
         return None
     if method == "network":
         return model_register_fn(model)
     if method == "ants_syn_cc":
         return ants_register_fn()
+    if method == "ants_syn_cc_long":
+        return ants_register_fn(**ANTS_LONG)
     start, loss = method.split("+")
     c = dataclasses.replace(cfg, loss=loss).resolve(nd)
     ext = model_extractor(model_path, loss)
@@ -89,10 +101,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default="default-2d")
     p.add_argument("--model", default=None, help="registration checkpoint (default: the bundled one of --data)")
-    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--methods", default=",".join(METHODS), help="comma- (or, with overrides, semicolon-) separated")
     p.add_argument("--max-pairs", type=int, default=0, help="0: all test pairs")
     p.add_argument("--out", required=True)
-    p.add_argument("--refine", default="", help="RefineConfig overrides, e.g. 'iterations=30,lam=2'")
+    p.add_argument("--refine", default="", help="RefineConfig overrides, e.g. 'iterations=30,lam=2'; per method: "
+                                                "'network+ncc:iterations=5'")
+    p.add_argument("--merge", action="store_true", help="keep OUT/results.json's rows of methods not run now")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     os.environ.setdefault("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "1")
@@ -104,10 +118,13 @@ def main(argv: list[str] | None = None) -> int:
     rows: dict[str, list[dict]] = {}
     skipped: dict[str, str] = {}
     out = Path(args.out)
-    for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
-        if method not in METHODS:
+    if args.merge and (out / "results.json").is_file():
+        rows.update(json.loads((out / "results.json").read_text())["pairs"])
+    sep = ";" if ";" in args.methods else ","  # ";" separates methods that carry overrides (which use ",")
+    for method in [m.strip() for m in args.methods.split(sep) if m.strip()]:
+        if _split(method)[0] not in METHODS:
             raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
-        if method == "ants_syn_cc":
+        if method.startswith("ants_"):
             try:
                 import ants  # noqa: F401
             except ImportError as exc:

@@ -41,6 +41,8 @@ class DemoConfig:
     model_3d: str = field(default="default-3d", metadata={"help": "3D registration model (bundled name or file)"})
     backend: str = field(default="eager", metadata={"help": "runtime backend (see deepsim_rt.runtime.BACKENDS)"})
     threads: int = field(default=0, metadata={"help": "torch CPU threads (0: torch's default)"})
+    refine_pairs: int = field(default=4, metadata={"help": "of those, how many are also refined (deepsim_rt.refine, "
+                                                           "its measured defaults; 0: skip)"})
 
     def __post_init__(self) -> None:
         parts = [p.strip() for p in str(self.dims).split(",") if p.strip()]
@@ -48,6 +50,8 @@ class DemoConfig:
             raise ValueError(f"dims must be '2', '3' or '2,3', got {self.dims!r}")
         if not isinstance(self.pairs, int) or self.pairs < 1:
             raise ValueError(f"pairs must be an int >= 1, got {self.pairs!r}")
+        if not isinstance(self.refine_pairs, int) or self.refine_pairs < 0:
+            raise ValueError(f"refine_pairs must be an int >= 0, got {self.refine_pairs!r}")
 
     @property
     def dim_list(self) -> list[int]:
@@ -132,7 +136,30 @@ def _run_dim(nd: int, cfg: DemoConfig, out: Path) -> dict:
                                    "the pair with the largest Dice gain)",
                              labels={"fixed": fl, "warped": wl}, stats=stats)
     summary["figure"] = str(fig)
+    summary["refine"] = _refine_summary(reg, source, pairs[: cfg.refine_pairs], rows, lat) if cfg.refine_pairs \
+        else None
     return summary
+
+
+def _refine_summary(reg, source, pairs: list, rows: list[dict], net_latency: list[float]) -> dict:
+    """network -> network + instance optimisation (RefineConfig defaults of the dimensionality) on `pairs`."""
+    from deepsim_rt.refine import RefineConfig
+
+    cfg = RefineConfig(progress=False)
+    k = source.n_classes
+    dice, secs = [], []
+    for m, f in pairs:
+        mov, mov_lab = source.subject("test", m)
+        fix, fix_lab = source.subject("test", f)
+        t0 = time.perf_counter()
+        res = reg.register(mov[None], fix[None], moving_labels=mov_lab[None], refine=cfg)
+        secs.append(time.perf_counter() - t0)
+        dice.append(float(dice_foreground(res.warped_labels, fix_lab[None], k)[0]))
+    c = cfg.resolve(source.ndim)
+    return {"pairs": len(pairs), "dice_fg_network": statistics.fmean(r["dice_fg_after"] for r in rows[:len(pairs)]),
+            "dice_fg_refined": statistics.fmean(dice), "seconds_network": statistics.median(net_latency),
+            "seconds_refined": statistics.median(secs),
+            "config": f"{c.loss}, lambda {c.lam:g}, {c.levels} levels x {c.iterations} Adam steps"}
 
 
 def run_demo(cfg: DemoConfig) -> dict:
@@ -156,6 +183,11 @@ def run_demo(cfg: DemoConfig) -> dict:
               f"{s['folding_pct_after']:.3f} %")
         print(f"    latency                 {s['latency_ms_median']:.1f} ms/pair median (first call "
               f"{s['latency_ms_first_call']:.1f} ms)")
+        r = s.get("refine")
+        if r:
+            print(f"    network -> + refine     Dice {r['dice_fg_network']:.3f} ({r['seconds_network']:.2f} s/pair) -> "
+                  f"{r['dice_fg_refined']:.3f} ({r['seconds_refined']:.2f} s/pair), first {r['pairs']} pairs; "
+                  f"{r['config']}")
         print(f"    figure                  {s['figure']}")
     text = json.dumps(results, indent=1)
     atomic_write(out / "summary.json", lambda tmp: Path(tmp).write_text(text))
