@@ -17,6 +17,19 @@ if not torch.cuda.is_available():
 HAS_CUDA = torch.cuda.is_available()
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _private_export_cache(tmp_path_factory):
+    """Exports made by tests (backend="onnxruntime"/"aoti" without a cache_dir) go to a per-run folder, never to
+    the user's ~/.cache/deepsim_rt: a stale entry there must not make a test pass, and tests must not litter."""
+    old = os.environ.get("DEEPSIM_RT_CACHE")
+    os.environ["DEEPSIM_RT_CACHE"] = str(tmp_path_factory.mktemp("export_cache"))
+    yield
+    if old is None:
+        os.environ.pop("DEEPSIM_RT_CACHE", None)
+    else:
+        os.environ["DEEPSIM_RT_CACHE"] = old
+
+
 def pytest_collection_modifyitems(config, items):
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device (torch.cuda.is_available() is False); run `make gpu-check`")
     for item in items:
