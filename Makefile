@@ -21,13 +21,20 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) install -q -c constraints.txt -e ".[dev,export,tools]"
 	touch $(STAMP)
 
+# ANTs itself (antspyx, ~150 MB with statsmodels) for the tests that check our ITK fields against ANTs
+# (tests/test_ants_roundtrip.py): installed for `make test`, not for `make demo`, which never needs it.
+ANTS_STAMP := $(VENV)/.installed-ants
+$(ANTS_STAMP): $(STAMP)
+	$(PIP) install -q -c constraints.txt -e ".[ants]"
+	touch $(ANTS_STAMP)
+
 demo: $(STAMP)
 	$(VENV)/bin/deepsim-rt demo --out demo_out
 
-test: $(STAMP)
+test: $(STAMP) $(ANTS_STAMP)
 	$(PY) -m pytest -m "not slow and not gpu" $(PYTEST_ARGS)
 
-test-slow: $(STAMP)
+test-slow: $(STAMP) $(ANTS_STAMP)
 	$(PY) -m pytest -m "slow and not gpu" $(PYTEST_ARGS)
 
 # One torch/ORT thread per process by default: on 2 shared cores torch's OpenMP pool stalls whenever another
