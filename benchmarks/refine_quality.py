@@ -142,13 +142,28 @@ def main(argv: list[str] | None = None) -> int:
                                         "ants": {k: list(v) if isinstance(v, tuple) else v
                                                  for k, v in ANTS_KW.items()},
                                         "torch_threads": torch.get_num_threads(), "cpu": _cpu()})
-    table = markdown_table({m: summarize(r) for m, r in rows.items()})
-    secs = "\n".join(f"| {m} | {summarize(r)['seconds']:.3f} |" for m, r in rows.items())
-    text = table + "\nSeconds per pair (registration call, 1 thread):\n\n| method | s/pair |\n|---|---|\n" + secs + "\n"
+    summaries = {m: summarize(r) for m, r in rows.items()}
+    text = compact_table(summaries) + "\n" + markdown_table(summaries)
     (out / "results.md").write_text(text)
     print(text)
     print(json.dumps({"skipped": skipped}))
     return 0
+
+
+LABELS = {"none": "no registration", "network": "network (bundled reg.safetensors)",
+          "ants_syn_cc": "ANTs SyN, CC (antspyx default schedule 40x20x0)",
+          "ants_syn_cc_long": "ANTs SyN, CC, long schedule 100x70x50x20"}
+
+
+def compact_table(summaries: dict[str, dict]) -> str:
+    """One row per method: Dice fg (mean ± sd), Dice paper, folding %, SD log|J|, EPE, s/pair."""
+    lines = ["| method | Dice fg | Dice paper | folding % | SD log\\|J\\| | EPE (vox) | s/pair |",
+             "|---|---|---|---|---|---|---|"]
+    for name, s in summaries.items():
+        label = LABELS.get(name, name.replace("+", " + refine ").replace(":", ", "))
+        lines.append(f"| {label} | {s['dice_fg']:.3f} ± {s['dice_fg_std']:.3f} | {s['dice_paper']:.3f} | "
+                     f"{s['folding']:.4f} | {s['std_log_jac'] or 0:.3f} | {s['epe']:.2f} | {s['seconds']:.3f} |")
+    return "\n".join(lines) + "\n"
 
 
 def _cpu() -> str:
@@ -159,6 +174,12 @@ def _cpu() -> str:
     except OSError:
         pass
     return "unknown"
+
+
+def tables(out: str) -> str:
+    """The compact table of an existing OUT/results.json (for RESULTS.md)."""
+    rows = json.loads((Path(out) / "results.json").read_text())["pairs"]
+    return compact_table({m: summarize(r) for m, r in rows.items()})
 
 
 if __name__ == "__main__":
