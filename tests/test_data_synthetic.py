@@ -105,7 +105,7 @@ def test_without_intensity_changes_image_is_the_warped_atlas(tiny2d):
     assert (noisy - s.image).abs().mean() > 0.005
 
 
-@pytest.mark.parametrize("preset, n", [("default-2d", 8), ("default-3d", 2)])
+@pytest.mark.parametrize("preset, n", [("default-2d", 8), ("default-3d-4mm", 2)])
 def test_displacements_are_diffeomorphic(preset, n):
     cfg = SyntheticConfig.preset(preset)
     subs = SyntheticSubjects(cfg, "test")
@@ -186,8 +186,8 @@ def test_evaluation_pairs_are_a_fixed_known_list():
 
 
 def test_presets_match_atlas_grids():
-    for name, shape in [("tiny-2d", (48, 40)), ("default-2d", (96, 80)), ("default-3d", (40, 48, 40)),
-                        ("tiny-3d", (40, 48, 40)), ("default-3d-2mm", (80, 96, 80))]:
+    for name, shape in [("tiny-2d", (48, 40)), ("default-2d", (96, 80)), ("default-3d-4mm", (40, 48, 40)),
+                        ("tiny-3d", (40, 48, 40)), ("default-3d", (80, 96, 80)), ("default-3d-2mm", (80, 96, 80))]:
         cfg = SyntheticConfig.preset(name)
         atlas = load_atlas(cfg.ndim, cfg.voxel_size)
         assert atlas.shape == shape and all(s % 8 == 0 for s in shape)
@@ -224,7 +224,7 @@ def test_index_out_of_range(tiny2d):
         SyntheticSubjects(tiny2d, "val")[2]
 
 
-@pytest.mark.parametrize("preset", ["default-2d", "default-3d"])
+@pytest.mark.parametrize("preset", ["default-2d", "default-3d-4mm"])
 def test_intensity_changes_do_not_saturate_the_brain(preset):
     """The bias field lifts white matter past 1; clipping used to saturate up to 43 % of the brain voxels of a
     subject (erasing GM/WM contrast). Scaling back keeps saturated voxels to the few that noise pushes over 1."""
@@ -236,11 +236,13 @@ def test_intensity_changes_do_not_saturate_the_brain(preset):
         assert saturated < 0.01, f"subject {i}: {saturated:.1%} of brain voxels saturated"
 
 
-def test_2mm_preset_deforms_like_default_3d_in_mm():
-    """default-3d-2mm doubles every voxel-unit deformation setting of default-3d and draws in the same order from
-    the same seeds on coarse grids of the same size: subject i is subject i of default-3d at twice the resolution
+def test_2mm_preset_deforms_like_the_4mm_one_in_mm():
+    """default-3d (2 mm) doubles every voxel-unit deformation setting of default-3d-4mm and draws in the same order
+    from the same seeds on coarse grids of the same size: subject i is subject i of the 4 mm data at twice the
+    resolution
     (same test pairs), its displacement in mm the same field (measured: max 0.52 mm apart for peaks of 9.8 mm)."""
-    c4, c2 = SyntheticConfig.preset("default-3d"), SyntheticConfig.preset("default-3d-2mm")
+    c4, c2 = SyntheticConfig.preset("default-3d-4mm"), SyntheticConfig.preset("default-3d")
+    assert SyntheticConfig.preset("default-3d-2mm") == c2
     assert evaluation_pairs(c2) == evaluation_pairs(c4)
     s4, s2 = SyntheticSubjects(c4, "test")[0], SyntheticSubjects(c2, "test")[0]
     assert s2.image.shape == (1, 80, 96, 80)

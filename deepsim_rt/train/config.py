@@ -47,7 +47,8 @@ class _Common:
     """Fields shared by both jobs."""
 
     data: str = field(default="default-2d", metadata=_h(
-        "synthetic preset (tiny-2d, default-2d, tiny-3d, default-3d) or a NIfTI folder (images/ + labels/)"))
+        "synthetic preset (tiny-2d, default-2d, tiny-3d, default-3d = 2 mm, default-3d-4mm) or a NIfTI folder "
+        "(images/ + labels/)"))
     out: str = field(default="runs/train", metadata=_h("output folder: model.safetensors, checkpoint.safetensors, "
                                                        "history.json"))
     preset: str = field(default="small", metadata=_h("network size preset: paper, small or tiny"))

@@ -1,6 +1,6 @@
 """Data for training and evaluation: data sources, intensity normalization, seeded sampling and augmentation.
 
-A data source is a synthetic preset name ("tiny-2d", "default-2d", "tiny-3d", "default-3d"; deepsim_rt.data) or a
+A data source is a synthetic preset name (SYNTHETIC_PRESETS; deepsim_rt.data) or a
 NIfTI folder (see `open_source`). Every image fed to a network is min-max normalized to [0, 1] (the models'
 `intensity="minmax"` contract, which the runtime applies too).
 
@@ -33,7 +33,7 @@ __all__ = [
     "random_crop",
 ]
 
-SYNTHETIC_PRESETS = ("tiny-2d", "default-2d", "tiny-3d", "default-3d", "default-3d-2mm")
+SYNTHETIC_PRESETS = ("tiny-2d", "default-2d", "tiny-3d", "default-3d", "default-3d-2mm", "default-3d-4mm")
 
 
 def minmax(x: torch.Tensor) -> torch.Tensor:
