@@ -54,9 +54,9 @@ def test_bundled_profile_and_training_like_input_has_no_warning():
     from deepsim_rt.data.atlas import load_atlas
 
     prof = training_profile(bundled_model_path("default-3d"))
-    assert prof.spacing_mm == (4.0, 4.0, 4.0) and prof.train_grid == (40, 48, 40)
+    assert prof.spacing_mm == (2.0, 2.0, 2.0) and prof.train_grid == (80, 96, 80)  # the 2 mm default (issue 12)
     assert prof.axcodes == ("S", "A", "R")
-    atlas = load_atlas(3, voxel_size=4)
+    atlas = load_atlas(3, voxel_size=2)
     img = atlas.image[0, 0].numpy() * 700 + 20  # any affine intensity map: the model min-max scales
     assert input_warnings("moving", img, prof, atlas.affine) == []
     assert training_profile(bundled_model_path("default-2d")).axcodes == ("A", "R")
