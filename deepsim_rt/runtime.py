@@ -58,7 +58,7 @@ __all__ = [
 ]
 
 BACKENDS = ("auto", "eager", "compile", "onnxruntime", "aoti", "tensorrt")
-BUNDLED_MODELS = ("default-2d", "default-3d")
+BUNDLED_MODELS = ("default-2d", "default-3d", "default-3d-4mm")  # default-3d-4mm: the previous 3D default (4 mm grid)
 _WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 # The natural backend of each artifact type ("auto").
 _SUFFIX_BACKEND = {".safetensors": "eager", ".onnx": "onnxruntime", ".pt2": "aoti", ".plan": "tensorrt",
