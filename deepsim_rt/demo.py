@@ -41,8 +41,9 @@ class DemoConfig:
     model_3d: str = field(default="default-3d", metadata={"help": "3D registration model (bundled name or file)"})
     backend: str = field(default="eager", metadata={"help": "runtime backend (see deepsim_rt.runtime.BACKENDS)"})
     threads: int = field(default=0, metadata={"help": "torch CPU threads (0: torch's default)"})
-    refine_pairs: int = field(default=4, metadata={"help": "of those, how many are also refined (deepsim_rt.refine, "
-                                                           "its measured defaults; 0: skip)"})
+    refine_pairs: int = field(default=2, metadata={"help": "of those, how many are also refined (deepsim_rt.refine, "
+                                                           "its measured defaults; 0: skip). 2: the 3D refinement "
+                                                           "costs seconds per pair on a CPU"})
 
     def __post_init__(self) -> None:
         parts = [p.strip() for p in str(self.dims).split(",") if p.strip()]
