@@ -6,9 +6,10 @@ test pairs, for no registration, the network, network + refine (each loss), refi
     ... --data default-3d --out benchmarks/results/refine_quality_3d
 
 Every method is scored by deepsim_rt.evaluate.study.evaluate_pairs (same pairs, same Dice / Jacobian code; the
-moving labels are warped by OUR nearest-neighbour warp with each method's displacement, ANTs' included). Seconds
-per pair = the registration call only (network + refinement; ANTs: antsRegistration + reading its field back),
-one torch / ITK thread. Writes OUT/results.json, OUT/results.md (the evaluate table + a s/pair column).
+moving labels are warped by OUR generic-label warp, the default label mode, with each method's displacement,
+ANTs' included). Seconds per pair = the registration call only (network + refinement; ANTs: antsRegistration +
+reading its field back), one torch / ITK thread. Writes OUT/results.json, OUT/results.md (the evaluate table + a
+s/pair column).
 ANTs needs the optional `bench` extra (antspyx); without it the ANTs row is skipped with the reason.
 """
 
