@@ -31,7 +31,8 @@ from deepsim_rt._checks import check_choice, check_tensor
 from deepsim_rt.kernels import reference
 from deepsim_rt.kernels.reference import DEFAULT_EPS, DEFAULT_STEPS
 
-__all__ = ["multilayer_cosine", "warp", "integrate", "BACKENDS", "backend_for", "HAS_TRITON", "HAS_TRITON_OPS"]
+__all__ = ["multilayer_cosine", "warp", "integrate", "BACKENDS", "backend_for", "HAS_TRITON", "HAS_TRITON_OPS",
+           "OPS_REGISTERED"]
 
 BACKENDS = ("auto", "triton", "reference")
 ENV_BACKEND = "DEEPSIM_RT_BACKEND"
@@ -47,7 +48,7 @@ def backend_for(t: Tensor) -> str:
     if choice == "reference":
         return "reference"
     if t.device.type == "cuda":
-        if HAS_TRITON_OPS:
+        if OPS_REGISTERED:  # a CUDA tensor means CUDA was available at import, hence registered
             return "op"
         if choice == "triton":
             raise ValueError(f"{ENV_BACKEND}=triton needs the triton package and torch.library.triton_op "
@@ -151,7 +152,13 @@ def _empty_like_none(t: Tensor | None, like: Tensor) -> Tensor:
     return t if t is not None else like.new_empty(0)
 
 
-if HAS_TRITON_OPS:
+# Registering a triton_op makes torch scan its kernels' source (torch._dynamo's analysis): 3.6 s of import on the
+# 2-core CPU box, paid by every `deepsim-rt register` there. The ops are reached only with CUDA tensors (route "op")
+# or by tests calling torch.ops.deepsim_rt.* under the interpreter (TRITON_INTERPRET=1, set before this import by
+# tests/conftest.py), so a process with neither skips the registration; routing never returns "op" without it.
+OPS_REGISTERED = HAS_TRITON_OPS and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET", "0") == "1")
+
+if OPS_REGISTERED:
     _triton_op = torch.library.triton_op
 
     @_triton_op("deepsim_rt::multilayer_cosine", mutates_args=())
