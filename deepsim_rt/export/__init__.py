@@ -19,6 +19,14 @@ used, so `import deepsim_rt.export` is cheap and works on machines that lack som
     cli        `deepsim-rt export`
 """
 
-from deepsim_rt.export.metadata import ARTIFACT_FORMAT, FORMAT_MAJOR, FORMAT_VERSION, ArtifactInfo, parse_metadata
-
+# The names below resolve on first use (PEP 562): `deepsim-rt export --help` imports this package for export/cli.py,
+# and export.metadata imports torch (1.8-2.3 s idle, 16-22 s on the loaded 2-core box; issue 20 item 4).
 __all__ = ["ARTIFACT_FORMAT", "FORMAT_MAJOR", "FORMAT_VERSION", "ArtifactInfo", "parse_metadata"]
+
+
+def __getattr__(name: str):
+    if name in __all__:
+        from deepsim_rt.export import metadata
+
+        return getattr(metadata, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

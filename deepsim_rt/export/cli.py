@@ -48,31 +48,80 @@ def _print_report(report, tolerance: float) -> None:
     print(f"OK: every output within the stated tolerance {tolerance:.1g}")
 
 
+# 3D AOTInductor packages of the serving graph fail their own verification on CPU (deepsim_rt.export.aoti module
+# docstring: 17-23 voxels of error at untraced sizes), which the export found only after 60-99 s. The one place
+# this rule lives: set True once export.aoti verifies 3D serving packages.
+AOTI_SERVING_3D = False
+SUFFIXES = {"onnx": ".onnx", "aoti": ".pt2", "tensorrt": ".plan", "triton-repo": None}
+
+
 def _check_args(args: argparse.Namespace) -> None:
-    """Everything that can be refused without exporting, refused first (one line, nothing written)."""
-    from deepsim_rt.export.onnx import check_opset
+    """Everything that can be refused without a checkpoint, refused first (one line, nothing written; torch-free)."""
+    import math
+
+    from deepsim_rt.export._io import check_out_path
 
     if args.max_batch_size < 1:
         raise ValueError(f"--max-batch-size must be >= 1, got {args.max_batch_size}")
-    if args.opset is not None:
-        check_opset(args.opset)
-    if args.graph != "serving" and args.artifact != "registration":
+    if args.tolerance is not None and not (math.isfinite(args.tolerance) and args.tolerance > 0):
+        raise ValueError(f"--tolerance must be a finite number > 0 (max abs error vs PyTorch), got {args.tolerance}")
+    if args.graph is not None and args.artifact != "registration":
         raise ValueError(f"--graph {args.graph} exists for --artifact registration only")
     if args.precision != "fp32" and args.artifact != "registration":
         raise ValueError(f"--precision {args.precision} exists for --artifact registration only")
-    if args.precision == "bf16" and args.format in ("onnx", "triton-repo") and args.opset is not None \
-            and args.opset < 22:
+    if args.format == "tensorrt" and args.artifact != "registration":
+        raise ValueError("--format tensorrt builds registration engines; export features/metric to ONNX and "
+                         "use deepsim_rt.export.tensorrt.build_engine")
+    if args.format == "tensorrt" and args.precision == "bf16":
+        raise ValueError("--format tensorrt builds fp32 or fp16 engines, got --precision bf16")
+    onnx_like = args.format in ("onnx", "triton-repo")
+    if args.precision == "bf16" and onnx_like and args.opset is not None and args.opset < 22:
         raise ValueError(f"--precision bf16 needs --opset >= 22 (ONNX Conv takes bfloat16 from opset 22), got "
                          f"{args.opset}")
+    if args.precision == "bf16" and onnx_like and not args.no_verify:
+        raise ValueError("--precision bf16 ONNX graphs cannot be verified here (ONNX Runtime has no bfloat16 Conv "
+                         "kernel on the CPU): expected --no-verify with bf16, or --precision fp16 (verified)")
+    if args.name is not None and not args.name.replace("_", "").replace("-", "").isalnum():
+        raise ValueError(f"--name must be letters, digits, '_' or '-', got {args.name!r}")
+    if args.engine is not None and not Path(args.engine).is_file():
+        raise ValueError(f"--engine must be an existing TensorRT .plan, got {args.engine!r}")
+    check_out_path(args.out, SUFFIXES[args.format], overwrite=args.overwrite)
+
+
+def _check_with_checkpoint(args: argparse.Namespace, src: Path) -> tuple[str | None, int]:
+    """The checks that need the checkpoint's config (read from its header, milliseconds): the opset, the graph of
+    a 3D AOTInductor package, the Triton model folders. Returns (graph to export, ndim)."""
+    from deepsim_rt.export.onnx import check_opset
+    from deepsim_rt.nn.checkpoint import load_config
+
+    ndim = load_config(src).ndim
+    if args.opset is not None:
+        check_opset(args.opset)
+    graph = None
+    if args.artifact == "registration":
+        aoti_3d = args.format == "aoti" and ndim == 3 and not AOTI_SERVING_3D
+        if args.graph == "serving" and aoti_3d:
+            raise ValueError("--format aoti --graph serving is not available for 3D models (the compiled serving "
+                             "graph fails its verification on CPU, deepsim_rt.export.aoti): expected --graph full "
+                             "for a 3D package, or --format onnx for a 3D serving graph")
+        graph = args.graph or ("full" if aoti_3d else "serving")
+    if args.format == "triton-repo":
+        root = Path(args.out)
+        name = args.name or f"deepsim_{args.artifact[:3]}_{ndim}d"
+        taken = [m for m in (name, f"{name}_trt") if (root / m).exists()]
+        if taken and not args.overwrite:
+            raise ValueError(f"--out {str(root)!r} already holds model folder(s) {', '.join(taken)}; pass "
+                             "--overwrite to replace them, or --name for another model")
+    return graph, ndim
 
 
 def _cmd(args: argparse.Namespace) -> int:
-    from deepsim_rt.export.precision import precision_tolerance
-
     _check_args(args)
     src = _source(args)
+    graph, _ = _check_with_checkpoint(args, src)
+    from deepsim_rt.export.precision import precision_tolerance
+
     tol = args.tolerance if args.tolerance is not None else precision_tolerance(args.precision)
-    graph = args.graph if args.artifact == "registration" else None
     verify = not args.no_verify
     out = Path(args.out)
     if args.format == "onnx":
@@ -92,9 +141,6 @@ def _cmd(args: argparse.Namespace) -> int:
     elif args.format == "tensorrt":
         from deepsim_rt.export.tensorrt import build_registration_engine
 
-        if args.artifact != "registration":
-            raise ValueError("--format tensorrt builds registration engines; export features/metric to ONNX and "
-                             "use deepsim_rt.export.tensorrt.build_engine")
         res = build_registration_engine(src, out, precision=args.precision, verify=verify,
                                         timing_cache=args.timing_cache)
         _print_report(res.report, tol)
@@ -138,9 +184,9 @@ def add_subcommands(subparsers) -> None:
     p.add_argument("--device", default="cpu", help="AOTInductor target device: cpu or cuda")
     p.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "bf16"),
                    help="network precision inside the graph (default: %(default)s; TensorRT: fp32 / fp16)")
-    p.add_argument("--graph", default="serving", choices=("serving", "full"),
+    p.add_argument("--graph", default=None, choices=("serving", "full"),
                    help="registration graph: raw images of any size (serving) or the network on normalized, "
-                        "padded inputs (full) (default: %(default)s)")
+                        "padded inputs (full) (default: serving; 3D AOTInductor packages: full)")
     p.add_argument("--timing-cache", default=None, help="TensorRT timing cache file (read and updated)")
     p.add_argument("--tolerance", type=float, default=None,
                    help="max abs error allowed vs PyTorch (default 1e-4 fp32, 2e-2 fp16)")
@@ -149,5 +195,6 @@ def add_subcommands(subparsers) -> None:
     p.add_argument("--max-batch-size", type=int, default=8,
                    help="triton-repo: max_batch_size, >= 1 (default: %(default)s)")
     p.add_argument("--engine", default=None, help="triton-repo: a built .plan to put in the TensorRT variant")
-    p.add_argument("--overwrite", action="store_true", help="triton-repo: replace existing model folders")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out file (triton-repo: existing model folders); default: refuse")
     p.set_defaults(func=_cmd)
