@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test test-slow bench lint gpu-check check-gpu-static gpu-train clean
+.PHONY: venv demo test test-slow bench lint gpu-check check-gpu-static gpu-train clean trt-bindings
 
 venv: $(STAMP)
 
@@ -31,8 +31,13 @@ $(ANTS_STAMP): $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/deepsim-rt demo --out demo_out
 
-test: $(STAMP) $(ANTS_STAMP)
+test: $(STAMP) $(ANTS_STAMP) trt-bindings
 	$(PY) -m pytest -m "not slow and not gpu" $(PYTEST_ARGS)
+
+# The pure-Python tensorrt.plugin layer of TensorRT 10.9/10.16/11.1/11.4 (from the bindings wheels on PyPI, plugin/
+# only, into .whl/trt_bindings/) for tests/test_trt_plugin_layer.py; cached; no registry = one line, those tests skip.
+trt-bindings: $(STAMP)
+	$(PY) tools/fetch_trt_bindings.py
 
 test-slow: $(STAMP) $(ANTS_STAMP)
 	$(PY) -m pytest -m "slow and not gpu" $(PYTEST_ARGS)

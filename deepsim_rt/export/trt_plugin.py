@@ -24,12 +24,28 @@ What runs where: the PTX compilation for sm_90 (triton.compile with an explicit 
 dtype / launch logic (plain Python: `plugin_output`, `launch_params`) and the wrapper kernel's numbers (Triton
 interpreter vs the reference) are tested on CPU; registering the plugin and building / running an engine need
 TensorRT and a GPU (tests/test_export_tensorrt.py skips with the reason elsewhere). Not run anywhere yet: no machine
-available to this project has TensorRT.
+available to this project has TensorRT. Registration itself, and the shape / dtype / attribute / launch logic as
+TensorRT's `tensorrt.plugin` layer drives it, are tested on CPU against that layer's real Python code of TensorRT
+10.9 to 11.4 with the native module stubbed (tests/test_trt_plugin_layer.py, tools/fetch_trt_bindings.py).
+
+Three rules the `tensorrt.plugin` layer imposes (issue 18 #2; each one made registration fail on every version):
+  * the plugin functions' annotations must be real objects: it reads them with inspect.signature and issubclass,
+    so this module must NOT use `from __future__ import annotations` (strings: TypeError on 10.9-11.1, ValueError
+    on 11.4);
+  * `aot_impl` needs a return annotation, tuple[str, str, KernelLaunchParams, SymIntExprs];
+  * the ONNX parser hands a STRING attribute over as its bytes plus the terminating NUL (onnx/onnx-tensorrt#921),
+    which the layer decodes as-is: the plugin receives mode='linear\\x00'. `_attr_str` drops trailing NULs.
+  * an INT attribute arrives as a 1-element array, which the layer of TensorRT < 11.4 turns into an `int`
+    attribute with int(array): a TypeError under numpy >= 2.4 (ndim > 0 to scalar). add_self is therefore declared
+    as a numpy int32 array attribute (decoded with astype on every version) and read with `_attr_int`.
+The parser forwards only the attributes the plugin declares (mode, padding, add_self), so the ONNX node's
+plugin_namespace / plugin_version never reach it; with no `aot` attribute the AOT implementation is chosen.
 """
 
-from __future__ import annotations
-
 from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
 
 __all__ = ["PLUGIN_NAMESPACE", "PLUGIN_NAME", "PLUGIN_ID", "PLUGIN_VERSION", "MODES", "PADDINGS", "DTYPES",
            "BLOCK", "plugin_output", "launch_params", "compile_warp_ptx", "register_warp_plugin", "CompiledWarp"]
@@ -45,6 +61,25 @@ DTYPES = {"float32": "fp32", "float16": "fp16"}
 # Same block as the eager launcher (warp_kernel.BLOCK): 256 voxels per program, 4 warps.
 BLOCK = 256
 NUM_WARPS = 4
+
+
+def _attr_str(value: str | bytes) -> str:
+    """A string attribute as the plugin layer hands it over, without the ONNX parser's trailing NUL(s)."""
+    if isinstance(value, bytes):
+        value = value.decode("utf-8")
+    return value.rstrip("\x00")
+
+
+def _attr_int(value) -> int:
+    """An integer attribute as the plugin layer hands it over: an int, or a 1-element numpy array."""
+    arr = np.asarray(value).reshape(-1)
+    if arr.size != 1:
+        raise ValueError(f"Warp3D integer attribute must hold one value, got {arr.size}: {arr.tolist()}")
+    return int(arr[0])
+
+
+# add_self's declared type: a 1-D int32 array (see the module docstring: `int` breaks TensorRT < 11.4 + numpy 2.4).
+INT_ATTR = npt.NDArray[np.int32]
 
 
 def _check_attrs(mode: str, padding: str, add_self: int) -> None:
@@ -159,24 +194,41 @@ def _trt_dtype_name(trt, dtype) -> str:
     return names[dtype]
 
 
-_REGISTERED = False
+def _static_dims(desc) -> tuple[int, ...]:
+    """A TensorDesc's shape as ints, -1 where unknown: fake expressions at network definition (get_output_data_types),
+    symbolic ones at shape calculation unless TensorRT knows them as constants (a static axis)."""
+    dims = []
+    for e in desc.shape_expr:
+        known = not getattr(e, "is_fake", True) and e.is_constant
+        dims.append(int(e.constant_value()) if known else -1)
+    return tuple(dims)
+
+
+# The tensorrt.plugin module this process registered Warp3D with (registration is once per plugin layer: a second
+# @register of the same id raises in tensorrt.plugin).
+_REGISTERED_WITH = None
 
 
 def register_warp_plugin() -> None:
-    """Register deepsim_rt::Warp3D with tensorrt.plugin in this process (idempotent). Needs TensorRT >= 10.9."""
-    global _REGISTERED
-    if _REGISTERED:
-        return
+    """Register deepsim_rt::Warp3D with tensorrt.plugin in this process (idempotent). Needs TensorRT >= 10.9.
+
+    After this, TensorRT's ONNX parser resolves "Warp3D" nodes to the plugin (AOT implementation: the kernel's
+    PTX is compiled for the build machine's GPU and stored in the engine)."""
+    global _REGISTERED_WITH
     import tensorrt as trt
     import tensorrt.plugin as trtp
 
+    if _REGISTERED_WITH is trtp:
+        return
+
+    # Annotations below are evaluated at definition (no PEP 563 in this module): tensorrt.plugin validates them.
     @trtp.register(PLUGIN_ID)
     def _warp3d_desc(image: trtp.TensorDesc, flow: trtp.TensorDesc, mode: str, padding: str,
-                     add_self: int) -> tuple[trtp.TensorDesc]:
-        # Shape and dtype checks at network definition (ranks known, sizes may be -1), then "same as image".
-        plugin_output(tuple(-1 for _ in range(image.ndim)), _trt_dtype_name(trt, image.dtype),
-                      tuple(-1 if i != 1 else 3 for i in range(flow.ndim)), _trt_dtype_name(trt, flow.dtype),
-                      mode, padding, add_self)
+                     add_self: INT_ATTR) -> tuple[trtp.TensorDesc]:
+        # Shape and dtype checks at network definition (ranks known, sizes -1) and again at shape calculation
+        # (static axes known), then "same as image".
+        plugin_output(_static_dims(image), _trt_dtype_name(trt, image.dtype), _static_dims(flow),
+                      _trt_dtype_name(trt, flow.dtype), _attr_str(mode), _attr_str(padding), _attr_int(add_self))
         return (image.like(),)
 
     @trtp.autotune(PLUGIN_ID)
@@ -186,10 +238,13 @@ def register_warp_plugin() -> None:
         return [trtp.AutoTuneCombination("FP32|FP16, FP32|FP16, FP32|FP16", "LINEAR")]
 
     @trtp.aot_impl(PLUGIN_ID)
-    def _warp3d_aot(image: trtp.TensorDesc, flow: trtp.TensorDesc, mode: str, padding: str, add_self: int,
-                    outputs: tuple[trtp.TensorDesc], tactic: int):
+    def _warp3d_aot(image: trtp.TensorDesc, flow: trtp.TensorDesc, mode: str, padding: str, add_self: INT_ATTR,
+                    outputs: tuple[trtp.TensorDesc], tactic: int
+                    ) -> tuple[str, str, trtp.KernelLaunchParams, trtp.SymIntExprs]:
         dtype = DTYPES[_trt_dtype_name(trt, image.dtype)]
-        kernel = compile_warp_ptx(dtype, mode, padding, bool(add_self), arch=None)  # the build machine's GPU
+        # arch=None: the build machine's GPU
+        kernel = compile_warp_ptx(dtype, _attr_str(mode), _attr_str(padding), bool(_attr_int(add_self)),
+                                  arch=None)
         s = image.shape_expr  # (B, C, D, H, W), symbolic
         launch = trtp.KernelLaunchParams()
         launch.grid_x = trtp.cdiv(s[2] * s[3] * s[4], BLOCK)
@@ -201,4 +256,4 @@ def register_warp_plugin() -> None:
             extra[i] = trtp.SymInt32(s[axis])
         return kernel.name, kernel.ptx, launch, extra
 
-    _REGISTERED = True
+    _REGISTERED_WITH = trtp
