@@ -1,4 +1,5 @@
-"""Registration losses: DeepSim (seg / ae / VGG), MSE, local squared NCC, NCC_sup, diffusion regularizer.
+"""Registration losses: DeepSim (seg / ae / VGG), MSE, local squared NCC, NCC_sup, MIND-SSC / NMI (multimodal),
+diffusion regularizer.
 
 Uniform interface (deepsim_rt.losses.base.Similarity): every similarity is an nn.Module called as
     sim(warped, fixed, warped_seg=None, fixed_seg=None) -> 0-dim loss (lower is better)
@@ -9,6 +10,7 @@ Build them by name with `build_similarity`; the paper's regularization weights a
 from deepsim_rt.losses.base import Similarity
 from deepsim_rt.losses.deepsim import DeepSimLoss
 from deepsim_rt.losses.intensity import MSE, NCC, NCCSup, mse, ncc, ncc_map, ncc_sup, one_hot
+from deepsim_rt.losses.multimodal import MIND, NMI, mind, mind_ssc, nmi, nmi_loss
 from deepsim_rt.losses.registry import PAPER_LAMBDAS, SIMILARITIES, build_similarity, paper_lambda
 from deepsim_rt.losses.regularizer import diffusion_regularizer
 from deepsim_rt.losses.vgg import VGGFeatures
@@ -20,6 +22,12 @@ __all__ = [
     "MSE",
     "NCC",
     "NCCSup",
+    "MIND",
+    "NMI",
+    "mind",
+    "mind_ssc",
+    "nmi",
+    "nmi_loss",
     "mse",
     "ncc",
     "ncc_map",

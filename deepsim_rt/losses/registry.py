@@ -4,6 +4,7 @@
     sim = build_similarity("ncc_sup")                               # sim.needs_labels is True
     sim = build_similarity("deepsim_seg", extractor=seg_model)      # any module with extract_features
     sim = build_similarity("vgg", weights_path="vgg16.safetensors") # 2D only
+    sim = build_similarity("mind")                                  # MIND-SSC, multimodal (radius=1, dilation=2)
     loss = sim(warped, fixed, warped_seg, fixed_seg) + lam * diffusion_regularizer(u)
 """
 
@@ -12,11 +13,12 @@ from __future__ import annotations
 from deepsim_rt.losses.base import Similarity
 from deepsim_rt.losses.deepsim import DEFAULT_DEEPSIM_EPS, DeepSimLoss
 from deepsim_rt.losses.intensity import DEFAULT_NCC_EPS, DEFAULT_NCC_WINDOW, MSE, NCC, NCCSup
+from deepsim_rt.losses.multimodal import DEFAULT_MIND_DILATION, DEFAULT_MIND_RADIUS, MIND
 from deepsim_rt.losses.vgg import VGGFeatures
 
 __all__ = ["SIMILARITIES", "PAPER_LAMBDAS", "build_similarity", "paper_lambda"]
 
-SIMILARITIES = ("mse", "ncc", "ncc_sup", "vgg", "deepsim_seg", "deepsim_ae")
+SIMILARITIES = ("mse", "ncc", "ncc_sup", "vgg", "deepsim_seg", "deepsim_ae", "mind")
 
 # Regularization weight lambda (total loss = sim + lambda * diffusion_regularizer) used in the paper, per data set.
 #   "brain3d": 3D brain MRI (the journal version's main experiment).
@@ -36,6 +38,7 @@ _KWARGS = {
     "vgg": ("weights_path", "random_init", "eps"),
     "deepsim_seg": ("extractor", "eps"),
     "deepsim_ae": ("extractor", "eps"),
+    "mind": ("radius", "dilation"),
 }
 
 
@@ -53,6 +56,7 @@ def build_similarity(name: str, **kwargs) -> Similarity:
         ncc, ncc_sup:             window=9 (int or per-axis odd ints), eps=1e-6
         vgg:                      weights_path=None, random_init=False, eps=1e-6 (2D only)
         deepsim_seg, deepsim_ae:  extractor (required: nn.Module with extract_features), eps=1e-6
+        mind:                     radius=1, dilation=2 (MIND-SSC, deepsim_rt.losses.multimodal)
     """
     _check_name(name)
     extra = sorted(set(kwargs) - set(_KWARGS[name]))
@@ -61,6 +65,9 @@ def build_similarity(name: str, **kwargs) -> Similarity:
                          f"{extra}")
     if name == "mse":
         return MSE()
+    if name == "mind":
+        return MIND(radius=kwargs.get("radius", DEFAULT_MIND_RADIUS),
+                    dilation=kwargs.get("dilation", DEFAULT_MIND_DILATION))
     if name in ("ncc", "ncc_sup"):
         cls = NCC if name == "ncc" else NCCSup
         return cls(window=kwargs.get("window", DEFAULT_NCC_WINDOW), eps=kwargs.get("eps", DEFAULT_NCC_EPS))
