@@ -11,7 +11,6 @@ import sys
 import typing
 
 from deepsim_rt.cli import run
-from deepsim_rt.train.config import FeatureTrainConfig, RegistrationTrainConfig
 
 __all__ = ["add_subcommands", "add_dataclass_arguments", "config_from_args", "main"]
 
@@ -48,6 +47,7 @@ def config_from_args(cls, args: argparse.Namespace, **fixed):
 
 
 def _features(args: argparse.Namespace) -> int:
+    from deepsim_rt.train.config import FeatureTrainConfig
     from deepsim_rt.train.features import train_features
 
     summary = train_features(config_from_args(FeatureTrainConfig, args))
@@ -56,6 +56,7 @@ def _features(args: argparse.Namespace) -> int:
 
 
 def _registration(args: argparse.Namespace) -> int:
+    from deepsim_rt.train.config import RegistrationTrainConfig
     from deepsim_rt.train.registration import train_registration
 
     summary = train_registration(config_from_args(RegistrationTrainConfig, args))
@@ -74,6 +75,10 @@ def _report(summary: dict) -> None:
 
 
 def add_subcommands(subparsers) -> None:
+    # Imported here, not at the top: other commands' parsers use add_dataclass_arguments, and train.config imports
+    # deepsim_rt.losses (torch) for the similarity names.
+    from deepsim_rt.train.config import FeatureTrainConfig, RegistrationTrainConfig
+
     p = subparsers.add_parser("train-features", help="train a DeepSim feature extractor (seg or ae)",
                               description=FeatureTrainConfig.__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
