@@ -20,11 +20,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
+from deepsim_rt._io import atomic_write
 
-from deepsim_rt.evaluate.metrics import dice_foreground, dice_paper, folding_fraction
-from deepsim_rt.nn import atomic_write
-
+# torch, the metrics and the runtime are imported where used: `deepsim-rt demo --help` builds this module's parser,
+# importing torch for it cost 2.7 s (load 1.2) and 16-22 s on the busy 2-core box (issue 20).
 __all__ = ["DemoConfig", "run_demo", "add_subcommands", "main"]
 
 
@@ -53,13 +52,16 @@ class DemoConfig:
             raise ValueError(f"pairs must be an int >= 1, got {self.pairs!r}")
         if not isinstance(self.refine_pairs, int) or self.refine_pairs < 0:
             raise ValueError(f"refine_pairs must be an int >= 0, got {self.refine_pairs!r}")
+        # torch.set_num_threads(-1) raised a RuntimeError traceback after the data had loaded (issue 20 item 7)
+        if isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 0:
+            raise ValueError(f"threads must be an int >= 0 (0: torch's default), got {self.threads!r}")
 
     @property
     def dim_list(self) -> list[int]:
         return sorted({int(p) for p in str(self.dims).split(",") if p.strip()})
 
 
-def _slice3d(x: torch.Tensor, u: torch.Tensor | None = None):
+def _slice3d(x, u=None):
     """Middle axial slice of (D, H, W) (and the in-plane (H, W) components of u (3, D, H, W))."""
     d = x.shape[0] // 2
     if u is None:
@@ -69,6 +71,7 @@ def _slice3d(x: torch.Tensor, u: torch.Tensor | None = None):
 
 def _run_dim(nd: int, cfg: DemoConfig, out: Path) -> dict:
     from deepsim_rt.evaluate.figures import registration_panel
+    from deepsim_rt.evaluate.metrics import dice_foreground, dice_paper, folding_fraction
     from deepsim_rt.runtime import Registrator
     from deepsim_rt.train.data import open_source
 
@@ -144,6 +147,7 @@ def _run_dim(nd: int, cfg: DemoConfig, out: Path) -> dict:
 
 def _refine_summary(reg, source, pairs: list, rows: list[dict], net_latency: list[float]) -> dict:
     """network -> network + instance optimisation (RefineConfig defaults of the dimensionality) on `pairs`."""
+    from deepsim_rt.evaluate.metrics import dice_foreground
     from deepsim_rt.refine import RefineConfig
 
     cfg = RefineConfig(progress=False)
@@ -166,6 +170,8 @@ def _refine_summary(reg, source, pairs: list, rows: list[dict], net_latency: lis
 def run_demo(cfg: DemoConfig) -> dict:
     """Run the demo; returns {"2d": summary, "3d": summary} and writes OUT/summary.json and the figures."""
     if cfg.threads:
+        import torch
+
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)

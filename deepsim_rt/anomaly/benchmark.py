@@ -20,17 +20,17 @@ import dataclasses
 import json
 import math
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from deepsim_rt._io import atomic_write
+from deepsim_rt.anomaly.config import ChangeEvalConfig
 from deepsim_rt.anomaly.detector import load_extractor, resolve_extractor
 from deepsim_rt.anomaly.roc import roc_auc
 from deepsim_rt.anomaly.scores import COMBINE, JACOBIAN_FLOOR, change_maps
-from deepsim_rt.data.changes import ChangeBenchmark, ChangeBenchmarkConfig
+from deepsim_rt.data.changes import ChangeBenchmark
 from deepsim_rt.data.synthetic import gaussian_blur
 from deepsim_rt.nn.checkpoint import file_sha256
 from deepsim_rt.runtime import Registrator, minmax_normalize, resolve_model
@@ -50,34 +50,6 @@ METHODS: dict[str, tuple[str, str, str]] = {
 }
 HEADLINE = ("semantic_deepsim", "residual_mse", "jacobian_deepsim", "semantic_none")
 TIE_P = 0.05
-
-
-@dataclass
-class ChangeEvalConfig:
-    """What `deepsim-rt evaluate-changes` runs (CLI options come from these fields)."""
-
-    data: str = field(default="default-2d", metadata={"help": "synthetic data preset of the benchmark (its grid, "
-                                                              "subjects and splits), e.g. default-2d, default-3d"})
-    split: str = field(default="test", metadata={"help": "subjects of this split (tune on val, report test)"})
-    n_cases: int | None = field(default=None, metadata={"help": "cases; None: one per subject of the split"})
-    seed: int = field(default=0, metadata={"help": "seed of the change draws"})
-    model: str | None = field(default=None, metadata={"help": "DeepSim-trained registration model; None: the "
-                                                                "bundled default-2d / default-3d"})
-    mse_model: str | None = field(default=None, metadata={"help": "MSE-trained registration model; None: "
-                                                                    "reg_mse.safetensors beside --model"})
-    extractor: str | None = field(default=None, metadata={"help": "feature extractor; None: seg.safetensors beside "
-                                                                    "--model"})
-    smooth: float = field(default=0.0, metadata={"help": "Gaussian sigma (voxels) applied to every score map "
-                                                         "before the AUC (0: none)"})
-    out: str = field(default="runs/changes", metadata={"help": "output folder: results.json, results.md, "
-                                                               "changes_auc.png"})
-
-    def __post_init__(self) -> None:
-        if isinstance(self.smooth, bool) or not isinstance(self.smooth, int | float) or not self.smooth >= 0:
-            raise ValueError(f"smooth must be a number >= 0 (voxels), got {self.smooth!r}")
-
-    def benchmark(self) -> ChangeBenchmarkConfig:
-        return ChangeBenchmarkConfig(data=self.data, split=self.split, n_cases=self.n_cases, seed=self.seed)
 
 
 def _mse_model_path(model: str) -> Path:
@@ -121,6 +93,9 @@ def markdown_table(summary: dict[str, dict], names: list[str]) -> str:
 
 def evaluate_changes(cfg: ChangeEvalConfig, figure: bool = True, log=print) -> dict:
     """Run the benchmark; write OUT/results.json, results.md (and changes_auc.png). Returns the results dict."""
+    from deepsim_rt.export._io import check_out_path
+
+    check_out_path(cfg.out, None)  # `--out file/x` was a NotADirectoryError traceback after all the cases
     bench = ChangeBenchmark(cfg.benchmark())
     nd = bench.synthetic.ndim
     model = cfg.model or f"default-{nd}d"
