@@ -64,6 +64,16 @@ class DataSource:
     _pairs: dict
     _truth: object = None  # callable (split, k) -> (ndim, *S) true displacement or None
     spacing: tuple[float, ...] | None = None
+    # Synthesis sources only: callable (split, moving, fixed) -> ((image, labels), (image, labels)), a pair drawn
+    # by the generative model (both from one base label map where it must be); None: pair two subjects.
+    _pair: object = None
+    recipe: dict | None = None  # synthesis settings recorded in the trained model's metadata
+
+    def pair(self, split: str, moving: int, fixed: int):
+        """((image, labels), (image, labels)) of a training / validation pair (subject, subject by default)."""
+        if self._pair is not None:
+            return self._pair(split, moving, fixed)
+        return self.subject(split, moving), self.subject(split, fixed)
 
     @property
     def n_classes(self) -> int:
@@ -188,15 +198,61 @@ def _nifti(path: Path) -> DataSource:
                       _splits=splits, _pairs=pairs, _truth=None, spacing=spacing)
 
 
+def _synth(name: str) -> DataSource:
+    """Brains synthesized from label maps on the fly (deepsim_rt.data.synth): subject i of a split is rendered from
+    (seed, split, i) every time it is asked for (train: not cached, 20000 virtual subjects; val / test: cached).
+    Images are robust-normalized (percentiles), not min-max."""
+    from deepsim_rt.data.atlas import LABEL_NAMES, MIRROR_LABELS
+    from deepsim_rt.data.label_maps import anatomy
+    from deepsim_rt.data.synth import SynthConfig, render_pair, render_subject
+
+    cfg = SynthConfig.preset(name)
+    cache: dict = {}
+
+    def get(split):
+        def one(i):
+            key = (split, i)
+            if key in cache:
+                return cache[key]
+            r = render_subject(cfg, split, i)
+            item = (r.image, r.labels)
+            if split != "train":
+                cache[key] = item
+            return item
+        return one
+
+    def pair(split, m, f):
+        a, b = render_pair(cfg, split, m, f)
+        return (a.image, a.labels), (b.image, b.labels)
+
+    sizes = {"train": cfg.n_train, "val": cfg.n_val, "test": cfg.n_test}
+    splits = {s: _Split(n, get(s)) for s, n in sizes.items()}
+    pairs = {"train": [], "val": [(m, (m + 1) % cfg.n_val) for m in range(cfg.n_val)],
+             "test": [(m, (m + 1) % cfg.n_test) for m in range(cfg.n_test)]}
+    shape = tuple(anatomy(cfg.ndim, cfg.voxel_size).shape[2:])
+    # A flip would swap left/right tissue labels correctly, but synthesized brains need no flip augmentation.
+    return DataSource(name=name, ndim=cfg.ndim, shape=shape, label_names=LABEL_NAMES,
+                      mirror_labels=tuple(MIRROR_LABELS), _splits=splits, _pairs=pairs, _truth=None,
+                      spacing=(float(cfg.voxel_size),) * cfg.ndim, _pair=pair,
+                      recipe={"synthesis": name, **cfg.to_dict(),
+                              "label_maps": "MNI152 2009a tissue map (bundled), subdivided; synthesized head; random "
+                                            "smooth shapes (registration pairs)"})
+
+
 def open_source(data: str) -> DataSource:
-    """A synthetic preset name or a NIfTI folder path -> DataSource."""
+    """A synthetic preset name, a synthesis preset (SYNTH_PRESETS: brains rendered from label maps) or a NIfTI
+    folder path -> DataSource."""
+    from deepsim_rt.data.synth import SYNTH_PRESETS
+
     if data in SYNTHETIC_PRESETS:
         return _synthetic(data)
+    if data in SYNTH_PRESETS:
+        return _synth(data)
     path = Path(data)
     if path.is_dir():
         return _nifti(path)
-    raise ValueError(f"data must be a synthetic preset {SYNTHETIC_PRESETS} or a NIfTI folder, got {data!r} "
-                     "(no such folder)")
+    raise ValueError(f"data must be a synthetic preset {SYNTHETIC_PRESETS}, a synthesis preset "
+                     f"{tuple(SYNTH_PRESETS)} or a NIfTI folder, got {data!r} (no such folder)")
 
 
 def item_generator(seed: int, epoch: int, index: int, stream: int = 0) -> torch.Generator:

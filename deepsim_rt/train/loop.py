@@ -57,9 +57,14 @@ def _check_resumable(saved: dict, cfg) -> None:
 
 
 def _scale(job: Job) -> dict[str, str]:
-    """spacing_mm / train_grid metadata of the job's DataSource (the scale the model learned at), when known."""
+    """spacing_mm / train_grid metadata of the job's DataSource (the scale the model learned at), when known, and
+    "synthesis" (JSON) for data rendered by deepsim_rt.data.synth."""
     source = getattr(job, "source", None)
-    return scale_metadata(getattr(source, "spacing", None), getattr(source, "shape", None))
+    out = scale_metadata(getattr(source, "spacing", None), getattr(source, "shape", None))
+    recipe = getattr(source, "recipe", None)
+    if recipe:  # synthesis sources: the generative model's settings and label maps (the recipe of the weights)
+        out["synthesis"] = json.dumps(recipe, sort_keys=True)
+    return out
 
 
 def _init_from(model: torch.nn.Module, path: str) -> None:

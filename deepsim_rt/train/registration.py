@@ -79,8 +79,10 @@ class RegistrationJob:
     def _stack(self, split: str, pairs: list[tuple[int, int]], crops: list | None = None) -> dict[str, torch.Tensor]:
         """Pad (and with `crops`, one generator per pair, cut the same random window from both images) and stack."""
         m = self.net_cfg.spatial_multiple
-        mov = [self.source.subject(split, a) for a, _ in pairs]
-        fix = [self.source.subject(split, b) for _, b in pairs]
+        # source.pair: subject + subject, or (synthesis) a pair rendered from one base label map.
+        both = [self.source.pair(split, a, b) for a, b in pairs]
+        mov = [x for x, _ in both]
+        fix = [y for _, y in both]
         if crops is not None:
             for k, g in enumerate(crops):
                 mi, ml, fi, fl = random_crop([*mov[k], *fix[k]], self.cfg.crop, g)

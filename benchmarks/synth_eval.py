@@ -1,0 +1,246 @@
+"""Evaluate 2D registration nets trained on synthesized brains (deepsim_rt.data.synth) against today's bundled ones.
+
+    python -m benchmarks.synth_eval --nets bundled=deepsim_rt/weights/default-2d/reg.safetensors \
+        ncc=runs/reg2d_ncc/model.safetensors ... --extractor runs/seg2d/model.safetensors --out OUT.json
+
+Test sets (each net sees the normalization it was trained with: bundled = min-max, synthesis nets = robust
+percentiles, deepsim_rt.data.synth.robust_normalize):
+  synthetic: the bundled default-2d TEST pairs (64; foreground Dice of the 6 tissue classes, labels nearest);
+  synth:     32 synth-2d test pairs (cross-contrast in general: each image draws its own template);
+  real:      axial 2 mm slices (z = +4 and +8 mm, the MNI152 2 mm grid, resampled from world coordinates) of the
+             three labelled real brains of deepsim_rt.data.real_brains (colin27, fsaverage, cat12: every ordered
+             pair, 6 x 2 = 12 pairs; Dice over the shared subcortical structures present in the fixed slice with
+             >= 5 voxels); "t1" = both real T1s; "xc" = the fixed brain made T2-like by a non-monotone map of ITS OWN
+             T1 intensities (knots at its own CSF / GM / WM means from a 3-class k-means of the brain's slice:
+             background dark, CSF bright, GM mid, WM dark), so its edges, noise and partial volume stay the real
+             image's.
+  refine (real xc): from the synthesis DeepSim_seg net's field, Adam refinement (deepsim_rt.refine, 2D defaults,
+             3 levels x 25 steps) with NCC, DeepSim_seg (the synthesis extractor), MIND-SSC and NMI; ANTs SyN with
+             mutual information (antspyx, from identity) as the classical reference.
+No world-space pre-alignment is run beyond the common MNI grid (all brains are in MNI-like space; "identity" is
+that baseline).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from deepsim_rt.data.atlas import load_atlas
+from deepsim_rt.data.synth import SynthConfig, render_pair, robust_normalize
+from deepsim_rt.evaluate.metrics import dice_foreground, folding_fraction
+from deepsim_rt.kernels import warp
+from deepsim_rt.nn import load_model
+from deepsim_rt.train.data import minmax
+
+SLICES_MM = (4.0, 8.0)
+REAL = ("colin27", "fsaverage", "cat12")
+
+
+# ------------------------------------------------------------------------------------------------ real slices
+def _kmeans3(v: np.ndarray) -> np.ndarray:
+    c = np.percentile(v, [15, 50, 85])
+    for _ in range(30):
+        lab = np.argmin(np.abs(v[:, None] - c[None]), axis=1)
+        c = np.array([v[lab == k].mean() if np.any(lab == k) else c[k] for k in range(3)])
+    return np.sort(c)
+
+
+def t2_like(img: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Non-monotone map of a robust-normalized T1 slice's own intensities (knots at its CSF / GM / WM means)."""
+    csf, gm, wm = _kmeans3(img[mask])
+    xs = np.array([0.0, 0.5 * csf, csf, gm, wm, max(1.0, wm + 1e-3)])
+    ys = np.array([0.0, 0.1, 1.0, 0.6, 0.3, 0.25])
+    return np.interp(img, xs, ys).astype(np.float32)
+
+
+def real_slices(cache: str | None) -> dict:
+    """name -> list over SLICES_MM of (image (1, 1, H, W) robust-normalized, labels (1, 1, H, W) int64, mask)."""
+    from scipy.ndimage import gaussian_filter, map_coordinates
+
+    from deepsim_rt.data import real_brains as rb
+
+    atlas = load_atlas(3, 2)
+    ids = [aseg for _, aseg, _ in rb.STRUCTURES]
+    brains = rb.ensure_real_brains(cache=cache, names=REAL)
+    out = {}
+    d_, h_, w_ = atlas.shape
+    for name in REAL:
+        b = brains[name]
+        img = gaussian_filter(b.array("image"), 0.85)  # anti-alias 1 mm -> 2 mm
+        lab = b.array("labels")
+        inv = np.linalg.inv(b.affine)
+        per = []
+        for z in SLICES_MM:
+            # the tensor index along D whose world z is closest to `z`
+            zs = [(atlas.affine @ np.array([d, h_ // 2, w_ // 2, 1.0]))[2] for d in range(d_)]
+            k = int(np.argmin(np.abs(np.array(zs) - z)))
+            hh, ww = np.meshgrid(np.arange(h_), np.arange(w_), indexing="ij")
+            idx = np.stack([np.full_like(hh, k), hh, ww, np.ones_like(hh)]).reshape(4, -1).astype(np.float64)
+            src = (inv @ (atlas.affine @ idx))[:3]
+            im = map_coordinates(img, src, order=1, mode="constant").reshape(h_, w_)
+            lb = map_coordinates(lab, src, order=0, mode="constant").reshape(h_, w_).astype(np.int64)
+            lb = np.where(np.isin(lb, ids), lb, 0)
+            t = robust_normalize(torch.from_numpy(im)[None, None].float())
+            per.append((t, torch.from_numpy(lb)[None, None], (t[0, 0] > 0.05).numpy()))
+        out[name] = per
+    return out
+
+
+def structure_dice(warped: torch.Tensor, fixed: torch.Tensor) -> float:
+    """Mean Dice over the label ids present in the fixed slice with >= 5 voxels."""
+    w, f = warped.numpy().ravel(), fixed.numpy().ravel()
+    vals = []
+    for v in np.unique(f):
+        if v == 0 or (f == v).sum() < 5:
+            continue
+        a, b = w == v, f == v
+        vals.append(2.0 * (a & b).sum() / (a.sum() + b.sum()))
+    return float(np.mean(vals)) if vals else float("nan")
+
+
+# ------------------------------------------------------------------------------------------------ nets
+def run_net(net, norm: str, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
+    f = minmax if norm == "minmax" else robust_normalize
+    with torch.no_grad():
+        _, u = net(f(moving), f(fixed))
+    return u
+
+
+def _refine(moving, fixed, init, loss: str, extractor, lam_scale: float = 1.0):
+    import deepsim_rt.refine.optimize as opt
+    from deepsim_rt.losses import mind, nmi_loss
+    from deepsim_rt.refine import RefineConfig, refine
+
+    if loss in ("mind", "nmi"):
+        fn = mind if loss == "mind" else nmi_loss
+        orig = opt.level_similarity
+        opt.level_similarity = lambda cfg, fix, deepsim: (lambda w: fn(w, fix))
+        try:
+            cfg = RefineConfig(loss="ncc", lam=4.0 * lam_scale, progress=False)
+            return refine(moving, fixed, init=init, config=cfg).displacement
+        finally:
+            opt.level_similarity = orig
+    cfg = RefineConfig(loss=loss, progress=False, **({"lam": 4.0 * lam_scale} if lam_scale != 1.0 else {}))
+    return refine(moving, fixed, init=init, config=cfg, extractor=extractor if loss.startswith("deepsim") else None
+                  ).displacement
+
+
+def ants_mi(moving: torch.Tensor, fixed: torch.Tensor, mlab: torch.Tensor) -> torch.Tensor:
+    import ants
+
+    f = ants.from_numpy(fixed[0, 0].numpy().astype(np.float32))
+    m = ants.from_numpy(moving[0, 0].numpy().astype(np.float32))
+    reg = ants.registration(f, m, type_of_transform="SyN", aff_metric="mattes", syn_metric="mattes")
+    ml = ants.from_numpy(mlab[0, 0].numpy().astype(np.float32))
+    w = ants.apply_transforms(f, ml, reg["fwdtransforms"], interpolator="nearestNeighbor")
+    return torch.from_numpy(np.round(w.numpy()).astype(np.int64))[None, None]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--nets", nargs="+", required=True, help="name=path[:minmax|robust] (bundled: minmax)")
+    p.add_argument("--extractor", help="synthesis seg extractor (DeepSim_seg refinement)")
+    p.add_argument("--refine-from", help="net name whose field the refinements start from")
+    p.add_argument("--sets", default="synthetic,synth,real", help="comma list of test sets")
+    p.add_argument("--cache", default=None, help="real_brains cache (DEEPSIM_RT_CACHE)")
+    p.add_argument("--ants", action="store_true", help="also ANTs SyN (mattes MI) on the real cross-contrast pairs")
+    p.add_argument("--out", required=True)
+    a = p.parse_args(argv)
+    torch.set_num_threads(1)
+    nets = {}
+    for spec in a.nets:
+        name, path = spec.split("=", 1)
+        norm = "robust"
+        if path.endswith((":minmax", ":robust")):
+            path, norm = path.rsplit(":", 1)
+        nets[name] = (load_model(path).eval(), norm)
+    sets = a.sets.split(",")
+    res: dict = {"nets": {k: [str(v[1])] for k, v in nets.items()}, "per_pair": {}}
+    t0 = time.time()
+
+    def add(key, method, dice, fold):
+        res["per_pair"].setdefault(key, {}).setdefault(method, []).append((dice, fold))
+
+    if "synthetic" in sets:
+        from deepsim_rt.data.synthetic import SyntheticConfig, SyntheticPairs
+
+        pairs = SyntheticPairs(SyntheticConfig.preset("default-2d"), "test", pairs="random")
+        for k in range(len(pairs)):
+            it = pairs[k]
+            m, f = it["moving"][None], it["fixed"][None]
+            ml, fl = it["moving_labels"][None], it["fixed_labels"][None]
+            add("synthetic", "identity", float(dice_foreground(ml, fl, 7)[0]), 0.0)
+            for name, (net, norm) in nets.items():
+                u = run_net(net, norm, m, f)
+                add("synthetic", name, float(dice_foreground(warp(ml, u, mode="nearest"), fl, 7)[0]),
+                    float(folding_fraction(u)[0]))
+    if "synth" in sets:
+        cfg = SynthConfig.preset("synth-2d")
+        for k in range(cfg.n_test):
+            ra, rb_ = render_pair(cfg, "test", k, (k + 1) % cfg.n_test)
+            m, f, ml, fl = ra.image[None], rb_.image[None], ra.labels[None], rb_.labels[None]
+            add("synth", "identity", float(dice_foreground(ml, fl, 7)[0]), 0.0)
+            for name, (net, norm) in nets.items():
+                u = run_net(net, norm, m, f)
+                add("synth", name, float(dice_foreground(warp(ml, u, mode="nearest"), fl, 7)[0]),
+                    float(folding_fraction(u)[0]))
+    if "real" in sets:
+        sl = real_slices(a.cache)
+        for mv in REAL:
+            for fx in REAL:
+                if mv == fx:
+                    continue
+                for s in range(len(SLICES_MM)):
+                    m, ml, _ = sl[mv][s]
+                    f, fl, fmask = sl[fx][s]
+                    f_xc = torch.from_numpy(t2_like(f[0, 0].numpy(), fmask))[None, None]
+                    for key, fixed in (("real_t1", f), ("real_xc", f_xc)):
+                        add(key, "identity", structure_dice(ml, fl), 0.0)
+                        fields = {}
+                        for name, (net, norm) in nets.items():
+                            u = run_net(net, norm, m, fixed)
+                            fields[name] = u
+                            add(key, name, structure_dice(warp(ml, u, mode="nearest"), fl),
+                                float(folding_fraction(u)[0]))
+                        if key == "real_xc" and a.refine_from:
+                            init = fields[a.refine_from]
+                            mn, fn = robust_normalize(m), robust_normalize(fixed)
+                            for loss in ("ncc", "deepsim_seg", "mind", "nmi"):
+                                if loss == "deepsim_seg" and not a.extractor:
+                                    continue
+                                u = _refine(mn, fn, init, loss, a.extractor)
+                                add(key, f"{a.refine_from}+refine_{loss}",
+                                    structure_dice(warp(ml, u, mode="nearest"), fl), float(folding_fraction(u)[0]))
+                        if a.ants:
+                            w = ants_mi(robust_normalize(m), robust_normalize(fixed), ml)
+                            add(key, "ants_syn_mi", structure_dice(w, fl), float("nan"))
+                    print(f"{mv}->{fx} slice {s} done ({time.time() - t0:.0f} s)", flush=True)
+    summary = {}
+    for key, methods in res["per_pair"].items():
+        summary[key] = {}
+        for meth, vals in methods.items():
+            d = np.array([v[0] for v in vals], dtype=float)
+            fo = np.array([v[1] for v in vals], dtype=float)
+            summary[key][meth] = {"dice_mean": float(np.nanmean(d)), "dice_sd": float(np.nanstd(d)),
+                                  "n": int(np.isfinite(d).sum()), "folding_pct": float(np.nanmean(fo) * 100)
+                                  if np.isfinite(fo).any() else None}
+    res["summary"] = summary
+    res["seconds"] = time.time() - t0
+    Path(a.out).write_text(json.dumps(res, indent=1))
+    for key, methods in summary.items():
+        print(f"== {key}")
+        for meth, s in methods.items():
+            fold = "" if s["folding_pct"] is None or math.isnan(s["folding_pct"]) else f" fold {s['folding_pct']:.3f}%"
+            print(f"  {meth:32s} {s['dice_mean']:.3f} ± {s['dice_sd']:.3f} (n={s['n']}){fold}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
