@@ -18,7 +18,8 @@
 # rerun `python benchmarks/report.py <the JSON files>` here to regenerate it.
 #
 # Parts, in order of importance, with their time boxes (s): preflight 30 (torch import + the first JIT compile of
-# the 6 kernels; they stay in Triton's cache for the later parts) · CUDA tests 90 · kernels 65 · kernels-compile
+# the 6 kernels; they stay in Triton's cache for the later parts) · mutation analysis 60 (in the background, beside
+# the preflight and the CUDA tests: no time of its own) · CUDA tests 90 · kernels 65 · kernels-compile
 # 55 · train-step 45 · inference 60 · refine 30 · report 15 = 390, + 5 s kill grace each = 430 <= 450. A part also never runs past the global deadline (GPU_CHECK_BUDGET_S, default 450 s from the start).
 # Each part runs under `timeout -s INT`: pytest stops cleanly on SIGINT and pytest-benchmark still writes the JSON
 # of the benchmarks that finished. A failing part does not stop the others; the preflight does (nothing else
@@ -82,11 +83,36 @@ part() {
         >> "$LOG" 2>&1 || FAILED=1
 }
 
-# ---- 0. preflight: CUDA, C compiler + Python.h (Triton's launcher), g++ (AOTInductor), one launch per kernel -----
+# ---- 0a. torch's mutation analysis of every kernel launch, on THIS machine's torch (2.11 on the GPU machines, which
+# predates pytorch#172354: the static gate can only emulate it). CPU only, compiles nothing (~10-30 s): it runs in
+# the background beside the preflight and the CUDA tests and is recorded as part "mutation" after them. Fails on a
+# declared write (deepsim_rt.kernels._triton_common.declare_writes) not reported, an input reported as written, or
+# an analysis that gave up ("assuming every input is mutated": torch.compile would clone every input per launch).
+MUT_BUDGET=$(( 60 * SCALE ))
+(
+    t0=$(date +%s)
+    timeout -s INT -k "$GRACE" "$MUT_BUDGET" env -u TRITON_INTERPRET "$PY" -m benchmarks.gpu_static \
+        --mutation-only installed --json "$WORK/mutation.json" > "$WORK/mutation.log" 2>&1
+    echo "$? $(( $(date +%s) - t0 ))" > "$WORK/mutation.rc"
+) &
+MUT_PID=$!
+collect_mutation() {  # wait for 0a, fold its output into the log and its verdict into the records
+    local rc=1 dt=0
+    wait "$MUT_PID"
+    [ -s "$WORK/mutation.rc" ] && read -r rc dt < "$WORK/mutation.rc"
+    echo "===== [mutation] budget ${MUT_BUDGET}s (background): gpu_static --mutation-only installed" >> "$LOG"
+    cat "$WORK/mutation.log" >> "$LOG" 2>/dev/null
+    echo "===== [mutation] rc=$rc in ${dt}s" | tee -a "$LOG"
+    $PARTS record --dest "$DEST" --work "$WORK" --name mutation --rc "$rc" --seconds "$dt" --budget "$MUT_BUDGET" \
+        >> "$LOG" 2>&1 || FAILED=1
+}
+
+# ---- 0b. preflight: CUDA, C compiler + Python.h (Triton's launcher), g++ (AOTInductor), one launch per kernel ----
 CPU_FLAG=()
 [ "${GPU_CHECK_ALLOW_CPU:-0}" = "1" ] && CPU_FLAG=(--allow-cpu)
 part preflight 30 $PARTS preflight --work "$WORK" "${CPU_FLAG[@]}"
 if [ "$FAILED" != 0 ]; then
+    collect_mutation
     grep -h "PREFLIGHT FAILED" "$LOG" | tail -n 1
     $PARTS summary --dest "$DEST" --total $(( $(date +%s) - T_START )) --budget "$BUDGET"
     exit 2
@@ -108,6 +134,7 @@ bench() {  # bench NAME BUDGET FILE [pytest args...]: a benchmark part writing $
 
 # ---- 1. CUDA tests: real launches of the kernels, compile/export capture on the GPU ------------------------------
 part tests 90 "${PYTEST[@]}" tests -m gpu --junitxml="$WORK/tests.xml" "${SELECT[@]}"
+collect_mutation
 
 # ---- 2. kernels: reference + triton first (the claims), then torch.compile (slow to compile) --------------------
 bench kernels 65 gpu-kernels.json benchmarks/test_kernels.py -k "not compile"

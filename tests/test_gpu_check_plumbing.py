@@ -108,12 +108,14 @@ def _check_run(r, out):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
     state = json.loads((out / "gpu_check.json").read_text())
     parts = {p["part"]: p for p in state["parts"]}
-    want = ["preflight", "tests", "kernels", "kernels-compile", "train-step", "inference", "report"]
+    want = ["preflight", "tests", "mutation", "kernels", "kernels-compile", "train-step", "inference", "report"]
     if (REPO / "benchmarks" / "test_refine.py").exists():
         want.insert(-1, "refine")
     assert list(parts) == want
     assert not [p for p in parts.values() if p["failed"]], parts
     assert parts["tests"]["tests"].get("errors") == 0  # no collection error: nothing imports a hidden package
+    # torch's mutation analysis ran on this torch, beside the preflight, and reported every declared write
+    assert parts["mutation"]["status"] == "ok" and "0 failing" in (out / "gpu_check.log").read_text()
     env = state["env"]
     assert env["mode"] == "cpu-plumbing" and set(env["smoke"]) == {"warp", "integrate", "cosine"}
     assert all(env[m] == "absent" for m in ("nibabel", "onnxruntime", "tritonclient"))

@@ -13,7 +13,31 @@ import triton
 import triton.language as tl
 
 __all__ = ["launch", "launch_device", "acc_dtype", "tl_acc", "check_launch_device", "cdiv", "cast_out", "emulate_rtne",
-           "triton", "tl"]
+           "declare_writes", "declared_writes", "kernel_name", "triton", "tl"]
+
+# kernel name -> rule(kwargs of one launch, parameter name -> value) -> the parameters that launch writes.
+_WRITES: dict = {}
+
+
+def kernel_name(kernel) -> str:
+    """The @triton.jit function's name, for a JITFunction and an interpreter InterpretedFunction alike."""
+    return kernel.fn.__name__
+
+
+def declare_writes(kernel, rule) -> None:
+    """Record which pointer parameters `kernel` stores to, as `rule(kw) -> iterable of parameter names` where kw
+    maps every parameter name to the launch's value (constexprs included).
+
+    This is the ground truth torch's mutation analysis (what triton_op / torch.compile / AOTInductor use to decide
+    what a launch writes) is checked against by `benchmarks/gpu_static.py --mutation-only`: an analyser that misses
+    a written buffer lets torch.compile reorder or drop the write, so every version of it must report these.
+    """
+    _WRITES[kernel_name(kernel)] = rule
+
+
+def declared_writes(kernel, kw: dict) -> set[str]:
+    """The parameters one launch of `kernel` with parameters `kw` writes (KeyError: no declaration)."""
+    return set(_WRITES[kernel_name(kernel)](kw))
 
 
 def cdiv(a: int, b: int) -> int:

@@ -38,6 +38,7 @@ from deepsim_rt.kernels._triton_common import (
     cast_out,
     cdiv,
     check_launch_device,
+    declare_writes,
     emulate_rtne,
     launch,
     tl,
@@ -263,6 +264,13 @@ def _cos_bwd_kernel(
         if (pid >= stop6) & (pid < stop7):
             _cos_bwd_level(a7, b7, ga7, gb7, gm7, C7, N7, sB7, sC7, sP7, tot7, pid - stop6, g_ptr, eps,
                            NEED_A, NEED_B, GRAD_MAP, n_levels, ACC, BLOCK_C, BLOCK_P, EMULATE_RTNE)
+
+
+declare_writes(_cos_fwd_kernel, lambda kw: ([f"m{i}" for i in range(kw["NUM_LEVELS"])] if kw["WRITE_MAP"]
+                                           else ["part_ptr"]))
+declare_writes(_sum_partials_kernel, lambda kw: ["out_ptr"])
+declare_writes(_cos_bwd_kernel, lambda kw: [f"{g}{i}" for g, need in (("ga", kw["NEED_A"]), ("gb", kw["NEED_B"]))
+                                            if need for i in range(kw["NUM_LEVELS"])])
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ from deepsim_rt.kernels._triton_common import (
     cast_out,
     cdiv,
     check_launch_device,
+    declare_writes,
     emulate_rtne,
     launch,
     tl,
@@ -351,6 +352,14 @@ def _warp_gather_kernel(gout_ptr, start_ptr, perm_ptr, wt_ptr, gimg_ptr, C, N, t
             go = tl.load(gout_ptr + coff + e // K, mask=m, other=0.0).to(COMPUTE)
             acc += tl.where(m, go * tl.load(wt_ptr + e, mask=m, other=0.0), 0.0)
         tl.store(gimg_ptr + coff + q, acc.to(gimg_ptr.dtype.element_ty), mask=qm)
+
+
+declare_writes(_warp_fwd_kernel, lambda kw: ["out_ptr"])
+# SELF accumulates the whole step gradient into gimg and never touches gflow (a placeholder then).
+declare_writes(_warp_bwd_kernel, lambda kw: ["gimg_ptr"] * bool(kw["NEED_IMG"] or kw["SELF"])
+               + ["gflow_ptr"] * bool(kw["NEED_FLOW"] and not kw["SELF"]))
+declare_writes(_warp_corners_kernel, lambda kw: ["key_ptr", "wt_ptr"])
+declare_writes(_warp_gather_kernel, lambda kw: ["gimg_ptr"])
 
 
 # ----------------------------------------------------------------------------------------------------------------
