@@ -127,7 +127,8 @@ def _refine(moving, fixed, init, loss: str, extractor, lam_scale: float = 1.0):
             return refine(moving, fixed, init=init, config=cfg).displacement
         finally:
             opt.level_similarity = orig
-    cfg = RefineConfig(loss=loss, progress=False, **({"lam": 4.0 * lam_scale} if lam_scale != 1.0 else {}))
+    scale = {"ncc": 1.0, "deepsim_seg": 0.5}[loss] * lam_scale  # refine.config.LAM_SCALE
+    cfg = RefineConfig(loss=loss, progress=False, lam=4.0 * scale)
     return refine(moving, fixed, init=init, config=cfg, extractor=extractor if loss.startswith("deepsim") else None
                   ).displacement
 
@@ -151,6 +152,7 @@ def main(argv=None) -> int:
     p.add_argument("--sets", default="synthetic,synth,real", help="comma list of test sets")
     p.add_argument("--cache", default=None, help="real_brains cache (DEEPSIM_RT_CACHE)")
     p.add_argument("--ants", action="store_true", help="also ANTs SyN (mattes MI) on the real cross-contrast pairs")
+    p.add_argument("--lam-scale", nargs="*", help="loss=scale of the refinement lambda (x NCC's 4.0), e.g. mind=0.2")
     p.add_argument("--out", required=True)
     a = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -168,6 +170,24 @@ def main(argv=None) -> int:
     def add(key, method, dice, fold):
         res["per_pair"].setdefault(key, {}).setdefault(method, []).append((dice, fold))
 
+    lam_scale = {"ncc": 1.0, "deepsim_seg": 1.0, "mind": 1.0, "nmi": 1.0}
+    for spec in a.lam_scale or []:
+        k, v = spec.split("=")
+        lam_scale[k] = float(v)
+    res["lam_scale"] = lam_scale
+    if "sweep" in sets:
+        # Refinement lambda per loss on 8 synth-2d VALIDATION pairs (cross-contrast in general), from zero: the
+        # lambda of NCC times each scale. Never on the test or real pairs.
+        cfg = SynthConfig.preset("synth-2d")
+        for k in range(8):
+            ra, rb_ = render_pair(cfg, "val", k, (k + 1) % cfg.n_val)
+            m, f, ml, fl = ra.image[None], rb_.image[None], ra.labels[None], rb_.labels[None]
+            add("sweep", "identity", float(dice_foreground(ml, fl, 7)[0]), 0.0)
+            for loss in ("ncc", "mind", "nmi"):
+                for sc in (0.05, 0.2, 1.0):
+                    u = _refine(m, f, None, loss, None, sc)
+                    add("sweep", f"{loss}_x{sc}", float(dice_foreground(warp(ml, u, mode="nearest"), fl, 7)[0]),
+                        float(folding_fraction(u)[0]))
     if "synthetic" in sets:
         from deepsim_rt.data.synthetic import SyntheticConfig, SyntheticPairs
 
@@ -215,7 +235,7 @@ def main(argv=None) -> int:
                             for loss in ("ncc", "deepsim_seg", "mind", "nmi"):
                                 if loss == "deepsim_seg" and not a.extractor:
                                     continue
-                                u = _refine(mn, fn, init, loss, a.extractor)
+                                u = _refine(mn, fn, init, loss, a.extractor, lam_scale[loss])
                                 add(key, f"{a.refine_from}+refine_{loss}",
                                     structure_dice(warp(ml, u, mode="nearest"), fl), float(folding_fraction(u)[0]))
                         if a.ants:
