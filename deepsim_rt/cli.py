@@ -27,6 +27,7 @@ SUBCOMMAND_MODULES = (
     "deepsim_rt.apply_cli",      # apply
     "deepsim_rt.export.cli",     # export
     "deepsim_rt.anomaly.cli",    # changes, evaluate-changes
+    "deepsim_rt.realbench.cli",  # evaluate-real
 )
 
 

