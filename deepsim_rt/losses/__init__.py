@@ -7,13 +7,32 @@ with attributes `name` (registry name) and `needs_labels` (True only for ncc_sup
 Build them by name with `build_similarity`; the paper's regularization weights are in `PAPER_LAMBDAS`.
 """
 
-from deepsim_rt.losses.base import Similarity
-from deepsim_rt.losses.deepsim import DeepSimLoss
-from deepsim_rt.losses.intensity import MSE, NCC, NCCSup, mse, ncc, ncc_map, ncc_sup, one_hot
-from deepsim_rt.losses.multimodal import MIND, NMI, mind, mind_ssc, nmi, nmi_loss
-from deepsim_rt.losses.registry import PAPER_LAMBDAS, SIMILARITIES, build_similarity, paper_lambda
-from deepsim_rt.losses.regularizer import diffusion_regularizer
-from deepsim_rt.losses.vgg import VGGFeatures
+# Names resolve on first use (PEP 562): train.config reads the similarity names (deepsim_rt.losses.names) for the
+# CLI parsers, and importing the loss modules imports torch (1.8-3.8 s of `deepsim-rt train-* --help`; issue 20).
+_LAZY = {
+    "Similarity": "base",
+    "DeepSimLoss": "deepsim",
+    "MSE": "intensity",
+    "NCC": "intensity",
+    "NCCSup": "intensity",
+    "mse": "intensity",
+    "ncc": "intensity",
+    "ncc_map": "intensity",
+    "ncc_sup": "intensity",
+    "one_hot": "intensity",
+    "MIND": "multimodal",
+    "NMI": "multimodal",
+    "mind": "multimodal",
+    "mind_ssc": "multimodal",
+    "nmi": "multimodal",
+    "nmi_loss": "multimodal",
+    "PAPER_LAMBDAS": "registry",
+    "SIMILARITIES": "names",
+    "build_similarity": "registry",
+    "paper_lambda": "registry",
+    "diffusion_regularizer": "regularizer",
+    "VGGFeatures": "vgg",
+}
 
 __all__ = [
     "Similarity",
@@ -39,3 +58,12 @@ __all__ = [
     "PAPER_LAMBDAS",
     "SIMILARITIES",
 ]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f"deepsim_rt.losses.{_LAZY[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+

@@ -14,11 +14,11 @@ from deepsim_rt.losses.base import Similarity
 from deepsim_rt.losses.deepsim import DEFAULT_DEEPSIM_EPS, DeepSimLoss
 from deepsim_rt.losses.intensity import DEFAULT_NCC_EPS, DEFAULT_NCC_WINDOW, MSE, NCC, NCCSup
 from deepsim_rt.losses.multimodal import DEFAULT_MIND_DILATION, DEFAULT_MIND_RADIUS, MIND
+from deepsim_rt.losses.names import SIMILARITIES  # one list, torch-free (the CLI parsers read it)
 from deepsim_rt.losses.vgg import VGGFeatures
 
 __all__ = ["SIMILARITIES", "PAPER_LAMBDAS", "build_similarity", "paper_lambda"]
 
-SIMILARITIES = ("mse", "ncc", "ncc_sup", "vgg", "deepsim_seg", "deepsim_ae", "mind")
 
 # Regularization weight lambda (total loss = sim + lambda * diffusion_regularizer) used in the paper, per data set.
 #   "brain3d": 3D brain MRI (the journal version's main experiment).

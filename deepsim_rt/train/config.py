@@ -11,7 +11,7 @@ import json
 import math
 from dataclasses import dataclass, field
 
-from deepsim_rt.losses import SIMILARITIES
+from deepsim_rt.losses.names import SIMILARITIES
 
 __all__ = ["FeatureTrainConfig", "RegistrationTrainConfig", "DEFAULT_LAMBDAS", "default_lambda", "TASKS"]
 
