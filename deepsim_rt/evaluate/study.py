@@ -22,7 +22,6 @@ import math
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -35,6 +34,7 @@ from deepsim_rt.evaluate.metrics import (
     folding_fraction,
     std_log_jacobian,
 )
+from deepsim_rt.evaluate.study_config import STUDY_LOSSES, StudyConfig
 from deepsim_rt.nn import atomic_write, load_model
 from deepsim_rt.train.config import DEFAULT_LAMBDAS, FeatureTrainConfig, RegistrationTrainConfig
 from deepsim_rt.train.data import DataSource, open_source, pad_to_multiple
@@ -52,7 +52,6 @@ __all__ = [
     "STUDY_LOSSES",
 ]
 
-STUDY_LOSSES = ("mse", "ncc", "ncc_sup", "vgg", "deepsim_ae", "deepsim_seg")
 LABELS = {"none": "no registration", "mse": "MSE", "ncc": "NCC", "ncc_sup": "NCC_sup", "vgg": "VGG",
           "deepsim_ae": "DeepSim_ae", "deepsim_seg": "DeepSim_seg"}
 
@@ -256,57 +255,6 @@ def wilcoxon_vs(rows_by_method: dict[str, list[dict]], reference: str = "deepsim
 # ----------------------------------------------------------------------------------------------------------------
 # The study
 # ----------------------------------------------------------------------------------------------------------------
-@dataclass
-class StudyConfig:
-    """The loss study. The CPU default (small nets, 2D, short runs, Adam lr 1e-3 instead of the paper's 1e-4 so
-    that a few hundred steps converge) finishes in minutes; `full=True` switches to the paper's network widths,
-    lr 1e-4 and long runs (GPU-sized). Every training resumes from OUT when its checkpoint exists, so an
-    interrupted study re-run with the same command continues where it stopped (finished runs are reused)."""
-
-    data: str = field(default="default-2d", metadata={"help": "synthetic preset or NIfTI folder"})
-    out: str = field(default="runs/study", metadata={"help": "output folder"})
-    losses: str = field(default=",".join(STUDY_LOSSES), metadata={"help": "comma-separated losses to train"})
-    preset: str = field(default="small", metadata={"help": "network preset (full: paper)"})
-    feature_steps: int = field(default=400, metadata={"help": "steps per feature extractor"})
-    reg_steps: int = field(default=600, metadata={"help": "steps per registration net"})
-    batch_size: int = field(default=8, metadata={"help": "global batch size"})
-    lr: float = field(default=1e-3, metadata={"help": "Adam learning rate (CPU preset 1e-3; paper and --full 1e-4)"})
-    lam_sweep: bool = field(default=False, metadata={"help": "train each loss at lambda x {1/4, 1, 4}, keep the best "
-                                                             "validation Dice"})
-    vgg_weights: str | None = field(default=None, metadata={"help": "ImageNet VGG16 weights (else VGG is skipped)"})
-    seg_model: str | None = field(default=None, metadata={"help": "reuse this seg extractor instead of training"})
-    ae_model: str | None = field(default=None, metadata={"help": "reuse this ae extractor instead of training"})
-    weights_out: str | None = field(default=None, metadata={"help": "copy seg, ae and the DeepSim_seg reg net here "
-                                                                    "as {seg,ae,reg}.safetensors"})
-    eval_pairs: int = field(default=0, metadata={"help": "evaluate on the first N test pairs (0: all)"})
-    seed: int = field(default=0, metadata={"help": "seed"})
-    full: bool = field(default=False, metadata={"help": "paper sizes: preset paper, lr 1e-4, 20000/20000 steps"})
-    progress: bool = field(default=True, metadata={"help": "progress bars"})
-    threads: int = field(default=1, metadata={"help": "torch CPU threads per training (0: torch's default; 1 was "
-                                                      "fastest on the shared 2-core machine)"})
-
-    def __post_init__(self) -> None:
-        if self.full:
-            self.preset, self.lr = "paper", 1e-4
-            self.feature_steps, self.reg_steps = max(self.feature_steps, 20000), max(self.reg_steps, 20000)
-        names = [s.strip() for s in self.losses.split(",") if s.strip()]
-        bad = [n for n in names if n not in STUDY_LOSSES]
-        if bad or not names:
-            raise ValueError(f"unknown loss(es) {bad or names}; valid names: {', '.join(STUDY_LOSSES)}")
-        if self.vgg_weights and not Path(self.vgg_weights).is_file():
-            raise ValueError(f"VGG16 weights file not found: {self.vgg_weights!r}")
-        for name in ("seg_model", "ae_model"):
-            v = getattr(self, name)
-            if v and not Path(v).is_file():
-                raise ValueError(f"{name.replace('_', '-')} not found: {v!r}")
-        if self.eval_pairs < 0:
-            raise ValueError(f"eval_pairs must be >= 0, got {self.eval_pairs}")
-
-    @property
-    def loss_list(self) -> list[str]:
-        return [s.strip() for s in self.losses.split(",") if s.strip()]
-
-
 def _say(msg: str) -> None:
     print(msg, flush=True)
 
