@@ -14,6 +14,8 @@ percentiles, deepsim_rt.data.synth.robust_normalize):
              T1 intensities (knots at its own CSF / GM / WM means from a 3-class k-means of the brain's slice:
              background dark, CSF bright, GM mid, WM dark), so its edges, noise and partial volume stay the real
              image's.
+  head: the moving brain's head (colin27 ch2 with skull; fsaverage orig, an average head) vs its brain as the
+        moving image, same fixed brains and labels (8 pairs);
   refine (real xc): from the synthesis DeepSim_seg net's field, Adam refinement (deepsim_rt.refine, 2D defaults,
              3 levels x 25 steps) with NCC, DeepSim_seg (the synthesis extractor), MIND-SSC and NMI; ANTs SyN with
              mutual information (antspyx, from identity) as the classical reference.
@@ -73,7 +75,9 @@ def real_slices(cache: str | None) -> dict:
     d_, h_, w_ = atlas.shape
     for name in REAL:
         b = brains[name]
-        img = gaussian_filter(b.array("image"), 0.85)  # anti-alias 1 mm -> 2 mm
+        vols = {"image": gaussian_filter(b.array("image"), 0.85)}  # anti-alias 1 mm -> 2 mm
+        if b.head is not None:
+            vols["head"] = gaussian_filter(b.array("head"), 0.85)
         lab = b.array("labels")
         inv = np.linalg.inv(b.affine)
         per = []
@@ -84,11 +88,13 @@ def real_slices(cache: str | None) -> dict:
             hh, ww = np.meshgrid(np.arange(h_), np.arange(w_), indexing="ij")
             idx = np.stack([np.full_like(hh, k), hh, ww, np.ones_like(hh)]).reshape(4, -1).astype(np.float64)
             src = (inv @ (atlas.affine @ idx))[:3]
-            im = map_coordinates(img, src, order=1, mode="constant").reshape(h_, w_)
+            ims = {k: robust_normalize(torch.from_numpy(map_coordinates(v, src, order=1, mode="constant")
+                                                        .reshape(h_, w_))[None, None].float())
+                   for k, v in vols.items()}
             lb = map_coordinates(lab, src, order=0, mode="constant").reshape(h_, w_).astype(np.int64)
             lb = np.where(np.isin(lb, ids), lb, 0)
-            t = robust_normalize(torch.from_numpy(im)[None, None].float())
-            per.append((t, torch.from_numpy(lb)[None, None], (t[0, 0] > 0.05).numpy()))
+            t = ims["image"]
+            per.append((t, torch.from_numpy(lb)[None, None], (t[0, 0] > 0.05).numpy(), ims.get("head")))
         out[name] = per
     return out
 
@@ -144,6 +150,32 @@ def ants_mi(moving: torch.Tensor, fixed: torch.Tensor, mlab: torch.Tensor) -> to
     return torch.from_numpy(np.round(w.numpy()).astype(np.int64))[None, None]
 
 
+def _wilcoxon(a: list, b: list) -> float | None:
+    from scipy.stats import wilcoxon
+
+    x, y = np.array([v[0] for v in a]), np.array([v[0] for v in b])
+    ok = np.isfinite(x) & np.isfinite(y)
+    if ok.sum() < 5 or np.allclose(x[ok], y[ok]):
+        return None
+    return float(wilcoxon(x[ok], y[ok]).pvalue)
+
+
+def markdown(res: dict) -> str:
+    """One table per test set: Dice mean +- sd, n, folding %, paired Wilcoxon p vs identity."""
+    lines = []
+    for key, methods in res["summary"].items():
+        lines += [f"### {key}", "", "| method | Dice (mean ± sd) | n | folding % | Wilcoxon p vs identity |",
+                  "|---|---|---|---|---|"]
+        for meth, s in methods.items():
+            p = _wilcoxon(res["per_pair"][key][meth], res["per_pair"][key]["identity"]) if meth != "identity" \
+                else None
+            fold = "—" if s["folding_pct"] is None or math.isnan(s["folding_pct"]) else f"{s['folding_pct']:.3f}"
+            lines.append(f"| {meth} | {s['dice_mean']:.3f} ± {s['dice_sd']:.3f} | {s['n']} | {fold} | "
+                         f"{'—' if p is None else f'{p:.2g}'} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--nets", nargs="+", required=True, help="name=path[:minmax|robust] (bundled: minmax)")
@@ -154,6 +186,7 @@ def main(argv=None) -> int:
     p.add_argument("--ants", action="store_true", help="also ANTs SyN (mattes MI) on the real cross-contrast pairs")
     p.add_argument("--lam-scale", nargs="*", help="loss=scale of the refinement lambda (x NCC's 4.0), e.g. mind=0.2")
     p.add_argument("--out", required=True)
+    p.add_argument("--md", help="also write the tables (markdown) here")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
     nets = {}
@@ -218,9 +251,17 @@ def main(argv=None) -> int:
                 if mv == fx:
                     continue
                 for s in range(len(SLICES_MM)):
-                    m, ml, _ = sl[mv][s]
-                    f, fl, fmask = sl[fx][s]
+                    m, ml, _, mhead = sl[mv][s]
+                    f, fl, fmask, _ = sl[fx][s]
                     f_xc = torch.from_numpy(t2_like(f[0, 0].numpy(), fmask))[None, None]
+                    if mhead is not None:  # the same subject with skull and scalp, against the same fixed brain
+                        for name, (net, norm) in nets.items():
+                            for key, mov in (("real_head_vs_brain:brain", m), ("real_head_vs_brain:head", mhead)):
+                                u = run_net(net, norm, mov, f)
+                                add(key, name, structure_dice(warp(ml, u, mode="nearest"), fl),
+                                    float(folding_fraction(u)[0]))
+                        add("real_head_vs_brain:brain", "identity", structure_dice(ml, fl), 0.0)
+                        add("real_head_vs_brain:head", "identity", structure_dice(ml, fl), 0.0)
                     for key, fixed in (("real_t1", f), ("real_xc", f_xc)):
                         add(key, "identity", structure_dice(ml, fl), 0.0)
                         fields = {}
@@ -254,6 +295,8 @@ def main(argv=None) -> int:
     res["summary"] = summary
     res["seconds"] = time.time() - t0
     Path(a.out).write_text(json.dumps(res, indent=1))
+    if a.md:
+        Path(a.md).write_text(markdown(res))
     for key, methods in summary.items():
         print(f"== {key}")
         for meth, s in methods.items():
