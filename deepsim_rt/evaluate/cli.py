@@ -8,26 +8,26 @@ import json
 import sys
 from pathlib import Path
 
-from deepsim_rt.evaluate.study import (
-    StudyConfig,
-    evaluate_pairs,
-    load_registration_model,
-    markdown_table,
-    model_register_fn,
-    refine_register_fn,
-    run_study,
-    write_results,
-)
+from deepsim_rt.evaluate.study_config import StudyConfig
 from deepsim_rt.refine.cli import add_refine_arguments
-from deepsim_rt.refine.runtime import NO_MODEL
 from deepsim_rt.train.cli import add_dataclass_arguments, config_from_args
-from deepsim_rt.train.data import open_source
 
+# The study / evaluation machinery (torch) is imported inside the commands: `deepsim-rt evaluate --help` and
+# `study --help` build these parsers only (they imported torch: 2.6-3.8 s at load 8; issue 20).
 __all__ = ["add_subcommands", "main"]
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    from deepsim_rt.evaluate.study import (
+        evaluate_pairs,
+        load_registration_model,
+        markdown_table,
+        model_register_fn,
+        write_results,
+    )
     from deepsim_rt.refine.cli import refine_config_from_args
+    from deepsim_rt.refine.config import NO_MODEL
+    from deepsim_rt.train.data import open_source
 
     if args.max_pairs < 0:  # a negative N would slice off the last |N| pairs silently
         raise ValueError(f"--max-pairs must be >= 0 (0: all pairs), got {args.max_pairs}")
@@ -66,6 +66,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _refine_fn(refine, source, path: str, model, extractor: str | None):
     """The register fn of `model` (None: from zero) followed by refinement in the model's warp padding; a DeepSim
     loss takes --refine-extractor, else the extractor next to the model (the bundled layout)."""
+    from deepsim_rt.evaluate.study import model_register_fn, refine_register_fn
     from deepsim_rt.refine import load_extractor, model_extractor
 
     cfg = refine.resolve(source.ndim)
@@ -80,6 +81,8 @@ def _refine_fn(refine, source, path: str, model, extractor: str | None):
 
 
 def _study(args: argparse.Namespace) -> int:
+    from deepsim_rt.evaluate.study import run_study
+
     cfg = config_from_args(StudyConfig, args)
     result = run_study(cfg)
     out = Path(result["out"])
