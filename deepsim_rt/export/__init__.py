@@ -20,7 +20,7 @@ used, so `import deepsim_rt.export` is cheap and works on machines that lack som
 """
 
 # The names below resolve on first use (PEP 562): `deepsim-rt export --help` imports this package for export/cli.py,
-# and export.metadata imports torch (1.8-2.3 s idle, 16-22 s on the loaded 2-core box; issue 20 item 4).
+# and export.metadata imports torch (2.3 s at load 1.2, 16-22 s on the busy 2-core box; issue 20 item 4).
 __all__ = ["ARTIFACT_FORMAT", "FORMAT_MAJOR", "FORMAT_VERSION", "ArtifactInfo", "parse_metadata"]
 
 
