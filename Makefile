@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test test-slow bench lint gpu-check check-gpu-static gpu-train clean trt-bindings
+.PHONY: venv demo test test-slow bench lint gpu-check check-gpu-static gpu-train clean trt-bindings chromium
 
 venv: $(STAMP)
 
@@ -31,7 +31,7 @@ $(ANTS_STAMP): $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/deepsim-rt demo --out demo_out
 
-test: $(STAMP) $(ANTS_STAMP) trt-bindings real-data
+test: $(STAMP) $(ANTS_STAMP) trt-bindings real-data chromium
 	$(PY) -m pytest -m "not slow and not gpu" $(PYTEST_ARGS)
 
 # The real brains of the real-brain benchmark (deepsim_rt/data/real_brains.py: Colin27, fsaverage, CAT12, S1, rat
@@ -39,6 +39,16 @@ test: $(STAMP) $(ANTS_STAMP) trt-bindings real-data
 .PHONY: real-data
 real-data: $(STAMP)
 	$(PY) -m deepsim_rt.data.real_brains
+
+# Headless Chromium for tests/test_qc_page.py, which opens the batch QC page in a real browser (Debian `chromium`:
+# apt-get update + install took 17.6 s on the shared box). Where apt-get cannot run (not root, no mirror) this says so
+# in one line and that test skips; an installed chromium costs nothing.
+.PHONY: chromium
+chromium:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	  { timeout 180 sh -c 'apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	    --no-install-recommends chromium' >/dev/null 2>&1 && echo "chromium: installed"; } || \
+	  echo "chromium: not installed (apt-get failed); tests/test_qc_page.py's browser test will skip"
 
 # The pure-Python tensorrt.plugin layer of TensorRT 10.9/10.16/11.1/11.4 (from the bindings wheels on PyPI, plugin/
 # only, into .whl/trt_bindings/) for tests/test_trt_plugin_layer.py; cached; no registry = one line, those tests skip.
