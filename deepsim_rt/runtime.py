@@ -42,7 +42,6 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from deepsim_rt._checks import check_choice
 from deepsim_rt.export.metadata import ArtifactInfo
@@ -50,11 +49,14 @@ from deepsim_rt.export.serving import minmax_normalize  # one definition, shared
 from deepsim_rt.kernels import warp
 from deepsim_rt.nn.checkpoint import file_sha256, load_model
 from deepsim_rt.nn.config import NetConfig
+from deepsim_rt.refine.config import NO_MODEL, RefineConfig
+from deepsim_rt.transforms.pad import crop, pad_amounts, pad_to_multiple  # re-exported: runtime callers
 from deepsim_rt.transforms.resample import DEFAULT_LABEL_MODE, LABEL_MODES, warp_labels
 
 __all__ = [
     "BACKENDS", "BUNDLED_MODELS", "RegistrationResult", "Registrator", "EagerBackend", "bundled_model_path",
-    "resolve_model", "minmax_normalize", "pad_to_multiple", "crop", "as_batch",
+    "resolve_model", "minmax_normalize", "pad_to_multiple", "pad_amounts", "crop", "as_batch", "NoNetworkBackend",
+    "NO_MODEL",
 ]
 
 BACKENDS = ("auto", "eager", "compile", "onnxruntime", "aoti", "tensorrt")
@@ -96,41 +98,6 @@ def resolve_model(model: str | os.PathLike) -> Path:
     return path
 
 
-def pad_amounts(spatial: tuple[int, ...], multiple: int) -> tuple[tuple[int, int], ...]:
-    """Per spatial axis (before, after) so that size + before + after is the next multiple; split evenly."""
-    out = []
-    for n in spatial:
-        total = (-int(n)) % multiple
-        out.append((total // 2, total - total // 2))
-    return tuple(out)
-
-
-def pad_to_multiple(x: torch.Tensor, multiple: int, mode: str = "replicate"
-                    ) -> tuple[torch.Tensor, tuple[tuple[int, int], ...]]:
-    """Pad (B, C, *S) so every spatial size is a multiple of `multiple`. mode: "replicate" or "zeros".
-
-    Returns (padded tensor, per-axis (before, after) amounts for `crop`). No copy when nothing needs padding.
-    """
-    if mode not in ("replicate", "zeros"):
-        raise ValueError(f"pad mode must be 'replicate' or 'zeros', got {mode!r}")
-    pads = pad_amounts(tuple(x.shape[2:]), multiple)
-    if not any(b or a for b, a in pads):
-        return x, pads
-    # F.pad takes the LAST axis first.
-    flat = [v for b, a in reversed(pads) for v in (b, a)]
-    if mode == "replicate":
-        return F.pad(x, flat, mode="replicate"), pads
-    return F.pad(x, flat, mode="constant", value=0.0), pads
-
-
-def crop(x: torch.Tensor, pads: tuple[tuple[int, int], ...]) -> torch.Tensor:
-    """Undo `pad_to_multiple` on (B, C, *S_padded)."""
-    index = [slice(None), slice(None)]
-    for (b, a), n in zip(pads, x.shape[2:], strict=True):
-        index.append(slice(b, n - a))
-    return x[tuple(index)]
-
-
 def _to_tensor(name: str, x: Any) -> tuple[torch.Tensor, bool]:
     if isinstance(x, np.ndarray):
         if x.dtype == np.bool_:
@@ -144,6 +111,10 @@ def _to_tensor(name: str, x: Any) -> tuple[torch.Tensor, bool]:
     if isinstance(x, torch.Tensor):
         if x.is_complex():
             raise ValueError(f"{name} must hold real numbers, got dtype {x.dtype}")
+        if x.device.type == "meta":
+            raise ValueError(f"{name} is a meta tensor (shape {tuple(x.shape)}, no data): expected a tensor on the "
+                             "CPU or a CUDA device")
+        x = x.detach()  # registration is inference: inputs that require grad are read, never differentiated
         return (x.to(torch.uint8) if x.dtype == torch.bool else x), False
     raise ValueError(f"{name} must be a numpy array or a torch tensor, got {type(x).__name__}")
 
@@ -232,6 +203,26 @@ class EagerBackend:
         return warped, disp
 
 
+class NoNetworkBackend:
+    """The backend of pure optimisation (`--model none`): no network, the identity (zero displacement); the
+    refinement (register(..., refine=RefineConfig(...))) does the work, from zero, on the images' own grid."""
+
+    name = NO_MODEL
+
+    def __init__(self, ndim: int, device: torch.device, channels: int = 1) -> None:
+        if ndim not in (2, 3):
+            raise ValueError(f"--model none registers 2D or 3D images, got {ndim}D data")
+        # The tiny preset only supplies the input contract (ndim, channels, padding); no weights are built.
+        cfg = NetConfig.make("reg", ndim, "tiny", in_channels=channels)
+        self.info = ArtifactInfo(artifact="registration", cfg=cfg, inputs=("moving", "fixed"),
+                                 outputs=("warped", "displacement"), extra={"model": NO_MODEL})
+        self.device = device
+
+    def __call__(self, moving: torch.Tensor, fixed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        zeros = moving.new_zeros((moving.shape[0], self.info.cfg.ndim, *moving.shape[2:]))
+        return moving, zeros
+
+
 def _resolve_device(device: str | torch.device | None) -> torch.device:
     if device is None or device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -286,6 +277,12 @@ class Registrator:
         info = _registration_info(model, source_sha256)
         return cls(EagerBackend(model, _resolve_device(device), info, compile=backend == "compile"),
                    source=f"<in-memory {type(model).__name__}>", model_spacing=model_spacing)
+
+    @classmethod
+    def no_network(cls, ndim: int, device: str | torch.device | None = "auto", channels: int = 1) -> Registrator:
+        """A Registrator without a network, for pure optimisation: call register(..., refine=RefineConfig(...)).
+        Without a network there is no training spacing: images are registered on their own grid as given."""
+        return cls(NoNetworkBackend(ndim, _resolve_device(device), channels), source=NO_MODEL)
 
     @classmethod
     def load(cls, model: str | os.PathLike = "default-2d", backend: str = "auto",
@@ -415,10 +412,8 @@ class Registrator:
         check_choice("label_mode", label_mode, LABEL_MODES)
         warped_n, disp, scale_facts = self.network_displacement(mov_n, fix_n, spacing)
         warped = warped_n * scale + lo
-        if refine is not None:  # instance optimisation: the logic lives in deepsim_rt.refine
-            from deepsim_rt.refine.runtime import refine_displacement
-
-            disp = refine_displacement(self, mov_n, fix_n, disp, refine)
+        if refine is not None:  # instance optimisation (deepsim_rt.refine) from the network's displacement
+            disp = self._refine(mov_n, fix_n, disp, refine)
             with torch.inference_mode():
                 warped = warp(mov_n, disp, mode="linear", padding=cfg.padding) * scale + lo
         warped_labels = None
@@ -432,6 +427,24 @@ class Registrator:
                                                                               out_device),
             scale={**scale_facts, "label_mode": label_mode},
         )
+
+    def _refine(self, moving: torch.Tensor, fixed: torch.Tensor, displacement: torch.Tensor,
+                config: RefineConfig) -> torch.Tensor:
+        """Refine `displacement` (B, ndim, *S) of normalised (B, C, *S) images in the model's warp padding; a
+        DeepSim loss without an explicit extractor uses the one bundled with the model. -> (B, ndim, *S) float32.
+        Without a network the refinement starts from zero."""
+        import dataclasses
+
+        from deepsim_rt.refine.optimize import model_extractor, refine
+
+        if not isinstance(config, RefineConfig):
+            raise ValueError(f"refine must be a RefineConfig or None, got {type(config).__name__}")
+        cfg = dataclasses.replace(config, padding=self.cfg.padding).resolve(self.ndim)
+        extractor = cfg.extractor if cfg.extractor is not None else model_extractor(self.source, cfg.loss)
+        if extractor is not None:
+            cfg = dataclasses.replace(cfg, extractor=extractor)
+        init = None if isinstance(self.backend, NoNetworkBackend) else displacement
+        return refine(moving, fixed, init=init, config=cfg).displacement.float().contiguous()
 
     def network_displacement(self, mov_n: torch.Tensor, fix_n: torch.Tensor, spacing: Any = None
                              ) -> tuple[torch.Tensor, torch.Tensor, dict]:
@@ -447,6 +460,11 @@ class Registrator:
 
         cfg = self.cfg
         shape = tuple(mov_n.shape[2:])
+        if isinstance(self.backend, NoNetworkBackend):  # no network, no training spacing: the input grid as is
+            given = None if spacing is None else torch.as_tensor(spacing, dtype=torch.float64).flatten().tolist()
+            return mov_n, self.backend(mov_n, fix_n)[1], {
+                "input_spacing_mm": given, "model_spacing_mm": None, "input_shape": list(shape),
+                "network_shape": None, "resampled": False}
         plan = s_in = None
         if spacing is not None:
             s_in = check_spacing("spacing", spacing, cfg.ndim)

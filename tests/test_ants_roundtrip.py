@@ -65,14 +65,15 @@ def _save(path, data, affine):
     nib.save(img, str(path))
 
 
-def _compare(out, moving_path, fixed_path, margin=3):
-    """(max |ANTs - warped| over the interior, intensity range, interior voxel count)."""
+def _compare(out, moving_path, fixed_path, margin=3, transforms=("transform_itk.nii.gz",)):
+    """(max |ANTs - warped| over the interior, intensity range, interior voxel count). `transforms`: the files in
+    `out` given to ANTs, in its order."""
     warped = nib.load(str(out / "warped.nii.gz")).get_fdata(dtype=np.float32)
     fixed_img, moving_img = nib.load(str(fixed_path)), nib.load(str(moving_path))
     mov = moving_img.get_fdata(dtype=np.float32)
     f = ants.image_read(str(fixed_path))
     m = ants.image_read(str(moving_path))
-    res = ants.apply_transforms(fixed=f, moving=m, transformlist=[str(out / "transform_itk.nii.gz")],
+    res = ants.apply_transforms(fixed=f, moving=m, transformlist=[str(out / t) for t in transforms],
                                 interpolator="linear").numpy()
     if warped.ndim == 3 and warped.shape[-1] == 1:  # single-slice (X, Y, 1) files: a 2D registration
         warped, mov, res = warped[..., 0], mov[..., 0], res[..., 0]
@@ -87,12 +88,12 @@ def _compare(out, moving_path, fixed_path, margin=3):
     return float(np.abs(res - warped)[mask].max()), float(mov.max() - mov.min()), int(mask.sum())
 
 
-def _register_and_compare(run_cli, d, model, *extra):
+def _register_and_compare(run_cli, d, model, *extra, transforms=("transform_itk.nii.gz",)):
     """`deepsim-rt register` d/m.nii.gz -> d/f.nii.gz into d/o, then _compare; returns (err, range, n, output)."""
     code, text = run_cli("register", "--moving", str(d / "m.nii.gz"), "--fixed", str(d / "f.nii.gz"), "--out",
                          str(d / "o"), "--model", str(model), "--device", "cpu", *extra)
     assert code == 0, text
-    return (*_compare(d / "o", d / "m.nii.gz", d / "f.nii.gz"), text)
+    return (*_compare(d / "o", d / "m.nii.gz", d / "f.nii.gz", transforms=transforms), text)
 
 
 @pytest.fixture(scope="module")
@@ -121,10 +122,51 @@ def test_ants_reproduces_warped_other_grid_with_rigid_prealignment(tmp_path, mod
     centre = aff_f[:3, :3] @ (np.asarray(shape_f) - 1) / 2 + aff_f[:3, 3]
     _save(tmp_path / "m.nii.gz", _blob_image(shape_m, aff_m, centre + [5, 2, -3], 1), aff_m)
     _save(tmp_path / "f.nii.gz", _blob_image(shape_f, aff_f, centre, 1), aff_f)
-    err, rng, n, text = _register_and_compare(run_cli, tmp_path, model3d, "--affine", "rigid")
+    # the affine part as ANTs writes it (affine.mat) after the deformable field, in ANTs' order
+    err, rng, n, text = _register_and_compare(run_cli, tmp_path, model3d, "--affine", "rigid",
+                                              transforms=("warp.nii.gz", "affine.mat"))
     assert "different voxel grids" in text
     assert n > 0.3 * np.prod([s - 6 for s in shape_f])
     assert err <= TOL * rng, (err, rng)
+    assert not (tmp_path / "o" / "transform_itk.nii.gz").exists()
+    # `apply` takes the same two files and reproduces warped.nii.gz (zeros outside the moving field of view)
+    code, text = run_cli("apply", "--transform", str(tmp_path / "o" / "warp.nii.gz"), "--transform",
+                         str(tmp_path / "o" / "affine.mat"), "--input", str(tmp_path / "m.nii.gz"), "--out",
+                         str(tmp_path / "a.nii.gz"))
+    assert code == 0 and "padding zeros" in text, text
+    np.testing.assert_allclose(nib.load(str(tmp_path / "a.nii.gz")).get_fdata(dtype=np.float32),
+                               nib.load(str(tmp_path / "o" / "warped.nii.gz")).get_fdata(dtype=np.float32),
+                               rtol=0, atol=1e-4 * rng)
+
+
+def _axes(codes: str, spacing, deg: float, origin) -> np.ndarray:
+    """An affine whose array axes point `codes` (e.g. "LIA"), then tilted by `deg` (oblique)."""
+    from nibabel.orientations import axcodes2ornt, inv_ornt_aff, ornt_transform
+
+    ras = _affine(0.0, spacing, origin)
+    shape = (10, 10, 10)  # inv_ornt_aff only needs it for the flips' offsets
+    a = ras @ inv_ornt_aff(ornt_transform(axcodes2ornt(("R", "A", "S")), axcodes2ornt(tuple(codes))), shape)
+    tilt = np.eye(4)
+    tilt[:3, :3] = _rot3(deg)
+    return tilt @ a
+
+
+@pytest.mark.parametrize("codes", ["LIA", "LPS"])
+def test_ants_reproduces_warped_in_other_orientations(tmp_path, model3d, run_cli, codes):
+    """Reoriented to the model's axes and back (pipeline.orientation): ANTs still reproduces warped.nii.gz from
+    transform_itk.nii.gz on files whose axes point LIA / LPS, with a 12 degree tilt on top."""
+    shape = (40, 36, 44)
+    aff = _axes(codes, (3.0, 3.5, 2.5), 12.0, (-60.0, -70.0, -50.0))
+    centre = aff[:3, :3] @ (np.asarray(shape) - 1) / 2 + aff[:3, 3]
+    _save(tmp_path / "m.nii.gz", _blob_image(shape, aff, centre + [4, -3, 2], 1), aff)
+    _save(tmp_path / "f.nii.gz", _blob_image(shape, aff, centre, 2), aff)
+    err, rng, n, _ = _register_and_compare(run_cli, tmp_path, model3d)
+    assert n > 0.5 * np.prod([s - 6 for s in shape])
+    assert err <= TOL * rng, (err, rng)
+    import json
+
+    facts = json.loads((tmp_path / "o" / "summary.json").read_text())["orientation"]["fixed"]
+    assert facts["file_axcodes"] == codes and facts["reoriented"]
 
 
 @pytest.mark.parametrize("single_slice", [False, True], ids=["XY", "XY1"])

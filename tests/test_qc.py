@@ -1,4 +1,4 @@
-"""deepsim_rt.qc: Jacobian / displacement figures with known answers, training-profile warnings, and the QC files
+"""deepsim_rt.pipeline.qc: Jacobian / displacement figures with known answers, training-profile warnings, and the QC files
 `deepsim-rt register` writes (jacobian map + summary.json)."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from deepsim_rt.qc import TrainingProfile, displacement_qc, input_warnings, training_profile
+from deepsim_rt.pipeline.qc import TrainingProfile, displacement_qc, input_warnings, training_profile
 from deepsim_rt.runtime import bundled_model_path
 
 

@@ -42,10 +42,10 @@ def test_registrator_refine_hook_changes_and_is_consistent(pair2d):
 
 
 def test_no_model_registrator_refines_from_zero(pair2d):
-    from deepsim_rt.refine.runtime import no_model_registrator
+    from deepsim_rt.runtime import Registrator
 
     mov, fix = pair2d
-    reg = no_model_registrator(2, device="cpu")
+    reg = Registrator.no_network(2, device="cpu")
     assert np.abs(reg.register(mov, fix).displacement).max() == 0.0  # no network: the identity
     res = reg.register(mov, fix, refine=RefineConfig(iterations=5, levels=2, progress=False))
     assert np.abs(res.displacement).max() > 0.01

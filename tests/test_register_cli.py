@@ -73,10 +73,16 @@ def test_register_nifti_round_trips_affine_and_matches_library(pair3d, models, c
     wl = np.asarray(nib.load(str(out / "warped_labels.nii.gz")).dataobj)
     assert warped.shape == mov.shape and disp.shape == (*mov.shape, 3) and wl.shape == mov.shape
     assert wl.dtype == np.int16 and set(np.unique(wl)) <= {0, 1, 2, 3}
-    ref = Registrator.load(models[3], device="cpu").register(mov, fix, lab)
-    np.testing.assert_allclose(disp, np.moveaxis(ref.displacement, 0, -1), rtol=0, atol=1e-6)
-    np.testing.assert_allclose(warped, ref.warped, rtol=0, atol=1e-3)  # intensities up to 800, float32 on disk
-    np.testing.assert_array_equal(wl, ref.warped_labels)
+    # the library on the same arrays brought to the model's axis order (pipeline.orientation: exact flips and
+    # permutation, SAR), mapped back onto the file's axes
+    from deepsim_rt.pipeline.orientation import Reorientation
+
+    r = Reorientation.of(aff, mov.shape)
+    assert r.source == ("R", "A", "S") and not r.identity
+    ref = Registrator.load(models[3], device="cpu").register(r.to_model(mov), r.to_model(fix), r.to_model(lab))
+    np.testing.assert_allclose(disp, np.moveaxis(r.vector_from_model(ref.displacement), 0, -1), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(warped, r.from_model(ref.warped), rtol=0, atol=1e-3)  # up to 800, float32 on disk
+    np.testing.assert_array_equal(wl, r.from_model(ref.warped_labels))
     # the written field means what the docstring says: warped(p) = moving(p + u(p)), voxel units, last axis
     mn = (mov - mov.min()) / (mov.max() - mov.min())
     direct = warp(torch.from_numpy(mn)[None, None], torch.from_numpy(np.moveaxis(disp, -1, 0))[None])[0, 0]
@@ -198,7 +204,7 @@ def test_write_failures_are_one_line_and_leave_nothing(pair3d, models, run_cli):
 
 
 def test_commit_files_all_or_nothing(tmp_path):
-    from deepsim_rt.register_cli import commit_files
+    from deepsim_rt.pipeline.outputs import commit_files
 
     def text(s):
         return lambda p: p.write_text(s)
@@ -323,7 +329,8 @@ _OOM_SCRIPT = """
 import resource, sys
 import numpy as np
 from deepsim_rt.cli import main
-from deepsim_rt import qc, runtime  # noqa: F401  (imported before the cap)
+from deepsim_rt import runtime  # noqa: F401
+from deepsim_rt.pipeline import qc, register  # noqa: F401  (imported before the cap)
 import torch  # noqa: F401
 
 def vm():

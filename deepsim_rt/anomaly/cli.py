@@ -33,14 +33,16 @@ from typing import Any
 import numpy as np
 
 from deepsim_rt._io import atomic_write
-from deepsim_rt.register_cli import ImageFile, commit_files, default_model, read_pair
+from deepsim_rt.pipeline.image import Image
+from deepsim_rt.pipeline.outputs import commit_files
+from deepsim_rt.pipeline.pair import default_model, read_pair
 
 __all__ = ["add_subcommands", "run_changes"]
 
 SCORES = ("semantic", "residual", "jacobian")
 
 
-def _model_array(img: ImageFile, ndim: int, role: str) -> np.ndarray:
+def _model_array(img: Image, ndim: int, role: str) -> np.ndarray:
     """The image as an ndim-D float32 array (a single-slice (X, Y, 1) NIfTI is 2D for a 2D model)."""
     data = img.data[..., 0] if ndim == 2 and img.data.ndim == 3 and img.data.shape[-1] == 1 else img.data
     if data.ndim != ndim:
@@ -107,14 +109,14 @@ def run_changes(moving: str | os.PathLike, fixed: str | os.PathLike, out: str | 
         "timings_s": {"load_and_read": t_load, "register_and_score": seconds},
     }
     for name, arr in arrays.items():
-        if fix.kind == "nifti":
+        if fix.format == "nifti":
             from deepsim_rt.data.nifti import save_nifti
 
             files[f"change_{name}.nii.gz"] = (lambda a: lambda p: save_nifti(p, a.reshape(fix.disk_shape),
                                                                             fix.affine, fix.header))(arr)
         else:
             files[f"change_{name}.npy"] = _write_npy(arr.reshape(fix.disk_shape))
-            if fix.kind == "png":
+            if fix.format == "png":
                 files[f"change_{name}.png"] = _write_png8(arr, float(arr.max()))
                 summary["scores"][name]["png_scale_max"] = float(arr.max())
     f_disp = f_arr - f_arr.min()

@@ -10,9 +10,13 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["RefineConfig", "REFINE_LOSSES", "DEFAULTS", "LAM_SCALE", "MIN_LEVEL_SIZE"]
+__all__ = ["RefineConfig", "REFINE_LOSSES", "DEFAULTS", "LAM_SCALE", "MIN_LEVEL_SIZE", "NO_MODEL", "MAX_ITERATIONS"]
 
 REFINE_LOSSES = ("ncc", "mse", "deepsim_seg", "deepsim_ae")
+NO_MODEL = "none"  # the model name of pure optimisation from zero (`--model none --refine ITERS`): no network
+# Adam steps per level: the measured defaults are 25; 10000 per level is hours on a CPU for a 1 mm volume, so a
+# larger ITERS is a typo, refused before any work
+MAX_ITERATIONS = 10_000
 MIN_LEVEL_SIZE = 4  # voxels per axis at the coarsest level: below this a 3-tap difference has nothing to smooth
 
 # Measured defaults per dimensionality (bundled test pairs, CPU, one thread; benchmarks/refine_quality.py).
@@ -84,8 +88,8 @@ class RefineConfig:
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or isinstance(v, bool)):
                 raise bad(name, "an int")
-        if self.iterations is not None and self.iterations < 0:
-            raise bad("iterations", "an int >= 0")
+        if self.iterations is not None and not 0 <= self.iterations <= MAX_ITERATIONS:
+            raise bad("iterations", f"an int in [0, {MAX_ITERATIONS}] (Adam steps per pyramid level)")
         if self.loss is not None and self.loss not in REFINE_LOSSES:
             raise ValueError(f"unknown refine loss {self.loss!r}; valid: {', '.join(REFINE_LOSSES)}")
         for name in ("lam", "lr", "bending", "tol"):

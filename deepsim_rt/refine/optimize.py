@@ -31,6 +31,7 @@ from deepsim_rt.losses._inputs import check_image_pair
 from deepsim_rt.refine.config import RefineConfig
 from deepsim_rt.refine.pyramid import bending_energy, downsample_image, level_sizes, resample_field
 from deepsim_rt.refine.terms import FixedNCC, diffusion_term, mse_term
+from deepsim_rt.transforms.pad import pad_to_multiple
 
 __all__ = ["refine", "RefineResult", "NonFiniteLossError", "load_extractor", "model_extractor", "level_step",
            "level_similarity"]
@@ -88,8 +89,6 @@ def model_extractor(model_path: str | os.PathLike | None, loss: str) -> Path | N
 # Similarity per level
 # ----------------------------------------------------------------------------------------------------------------
 def _pad_to(x: torch.Tensor, multiple: int) -> torch.Tensor:
-    from deepsim_rt.runtime import pad_to_multiple
-
     return pad_to_multiple(x, multiple, "replicate")[0] if multiple > 1 else x
 
 

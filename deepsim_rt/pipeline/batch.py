@@ -7,7 +7,7 @@ pairs.csv: a header row naming the columns
 Relative paths are relative to the CSV file's folder. Every row is checked before anything runs (files exist,
 names unique and plain); one bad row is a one-line ValueError naming its line.
 
-Each pair is registered exactly as `deepsim-rt register` does (deepsim_rt.register_cli: read_pair ->
+Each pair is registered exactly as `deepsim-rt register` does (deepsim_rt.pipeline: read_pair ->
 register_pair -> commit_outputs), into DIR/<name>/, all or nothing; summary.json is moved into place last, so its
 presence marks a finished pair.
 Resumable: a pair whose DIR/<name>/summary.json exists is skipped (its figures still go into the table); a pair
@@ -35,6 +35,9 @@ from pathlib import Path
 from typing import Any
 
 from deepsim_rt._io import atomic_write
+from deepsim_rt.pipeline.outputs import SUMMARY_NAME, check_out_dir, commit_outputs
+from deepsim_rt.pipeline.pair import default_model, read_pair
+from deepsim_rt.pipeline.register import register_pair, registrator_for
 
 __all__ = ["PairRow", "read_pairs_csv", "run_batch", "TABLE_COLUMNS"]
 
@@ -80,9 +83,9 @@ def read_pairs_csv(path: str | os.PathLike) -> list[PairRow]:
     rows: list[PairRow] = []
     seen: dict[str, int] = {}
     for line, raw in enumerate(reader, start=2):
-        row = {(k or "").strip(): (v or "").strip() for k, v in raw.items()}
-        if None in raw:
+        if None in raw:  # csv.DictReader files the extra cells under the key None, as a list
             raise ValueError(f"{path}, line {line}: more cells than the header's {len(fields)} columns")
+        row = {(k or "").strip(): (v or "").strip() for k, v in raw.items()}
         if not any(row.values()):
             continue  # blank line
         if not row.get("moving") or not row.get("fixed"):
@@ -122,8 +125,6 @@ def _table_row(row: PairRow, status: str, summary: dict[str, Any] | None, error:
 
 def _finished(folder: Path) -> dict[str, Any] | None:
     """The summary of a finished pair folder, or None (absent or unreadable: the pair is redone)."""
-    from deepsim_rt.register_cli import SUMMARY_NAME
-
     try:
         return json.loads((folder / SUMMARY_NAME).read_text())
     except (OSError, ValueError):
@@ -163,16 +164,13 @@ def run_batch(pairs_csv: str | os.PathLike, out: str | os.PathLike, model: str |
               pair_options: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Register every pair of `pairs_csv` into out/<name>/ (see the module docstring); returns the table rows of
     this process's pairs (rank 0 under torchrun: all rows). pair_options: keyword arguments for
-    register_cli.register_pair (affine, label_mode, refine, ...)."""
+    pipeline.register.register_pair (affine, label_mode, refine, ...)."""
     from tqdm.auto import tqdm
 
-    from deepsim_rt.register_cli import commit_outputs, default_model, read_pair, register_pair, registrator_for
     from deepsim_rt.train.distributed import teardown_distributed
 
+    out = check_out_dir(out)
     rows = read_pairs_csv(pairs_csv)
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} exists and is not a folder")
     info = _join(device)
     try:
         if info.distributed and device == "auto":

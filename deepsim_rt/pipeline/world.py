@@ -1,4 +1,5 @@
-"""The world-space steps around a registration of images with affines (NIfTI), for `deepsim-rt register`.
+"""The world-space steps around a registration of images with affines (NIfTI), for
+`deepsim-rt register` (pipeline.register).
 
     prep = prepare_pair(moving, moving_affine, fixed, fixed_affine, affine="rigid"|"affine"|None)
     res = registrator.register(prep.moving_on_fixed, fixed, spacing=prep.fixed.spacing, ...)
@@ -16,6 +17,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -24,7 +26,7 @@ from deepsim_rt.transforms.compose import compose_world, source_coords
 from deepsim_rt.transforms.grid import Grid, same_grid
 from deepsim_rt.transforms.resample import resample_to_grid, sample, sample_labels
 
-__all__ = ["PreparedPair", "prepare_pair", "register_world"]
+__all__ = ["PreparedPair", "prepare_pair", "register_world", "register_world_parts", "WorldResult"]
 
 
 @dataclass
@@ -88,11 +90,22 @@ def prepare_pair(moving: np.ndarray, moving_affine: np.ndarray, fixed: np.ndarra
 def register_world(register, moving: np.ndarray, moving_affine: np.ndarray, fixed: np.ndarray,
                    fixed_affine: np.ndarray, labels: np.ndarray | None = None, affine: str | None = None,
                    label_mode: str = "nearest", names: tuple[str, str] = ("moving", "fixed")):
+    """`register_world_parts` as a 4-tuple (warped, u, warped labels or None, facts), without the parts."""
+    return tuple(register_world_parts(register, moving, moving_affine, fixed, fixed_affine, labels, affine,
+                                      label_mode, names))[:4]
+
+
+def register_world_parts(register, moving: np.ndarray, moving_affine: np.ndarray, fixed: np.ndarray,
+                   fixed_affine: np.ndarray, labels: np.ndarray | None = None, affine: str | None = None,
+                   label_mode: str = "nearest", names: tuple[str, str] = ("moving", "fixed")):
     """The whole world-space registration of a NIfTI pair (module docstring).
 
     register(moving_on_fixed, fixed, labels_or_None, spacing_mm) -> a runtime RegistrationResult (numpy form),
-    e.g. a Registrator.register call. Returns (warped (*S_f) float32, u (nd, *S_f) composed fixed-voxel
-    displacement, warped labels or None, facts: grids, pre-alignment, what the network ran at)."""
+    e.g. a Registrator.register call. Returns a WorldResult: warped (*S_f) float32, u (nd, *S_f) composed
+    fixed-voxel displacement, warped labels or None, facts (grids, pre-alignment, what the network ran at), and the
+    two parts of u: `world` (the pre-alignment, fixed world -> moving world, or None) and `u_net` (nd, *S_f), the
+    deformable part on the fixed grid in fixed voxels (the point of fixed voxel p is A_f (p + u_net(p)), then
+    `world` maps it into moving space)."""
     prep = prepare_pair(moving, moving_affine, fixed, fixed_affine, affine, names)
     res = register(prep.moving_on_fixed, fixed, None if prep.resampled else labels, prep.fixed.spacing)
     u = prep.compose(res.displacement)
@@ -100,4 +113,16 @@ def register_world(register, moving: np.ndarray, moving_affine: np.ndarray, fixe
         warped, warped_labels = prep.finish(u, moving, labels, label_mode, "zeros")
     else:
         warped, warped_labels = res.warped, res.warped_labels
-    return warped, u, warped_labels, {**prep.facts, "network": res.scale}
+    u_net = np.asarray(res.displacement, dtype=np.float32)
+    return WorldResult(warped, u, warped_labels, {**prep.facts, "network": res.scale}, prep.world, u_net)
+
+
+class WorldResult(NamedTuple):
+    """What `register_world` returns (see there)."""
+
+    warped: np.ndarray
+    u: np.ndarray
+    warped_labels: np.ndarray | None
+    facts: dict
+    world: np.ndarray | None
+    u_net: np.ndarray

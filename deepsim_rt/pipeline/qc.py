@@ -19,7 +19,7 @@ summary.json. Thresholds (each stated in its message):
   intensities    min-max scaled, 99 % of the voxels below BRIGHT_OUTLIER_P99 (0.3) of the range (training images:
                  0.95; a few hot voxels compress the contrast the network saw), or fewer than FEW_LEVELS (8)
                  distinct values (a label map or mask given as the image). Constant images are warned about by
-                 the runtime itself (deepsim_rt.runtime.Registrator.register).
+                 the runtime itself (deepsim_rt.runtime.Registrator.register) and pipeline.register.
 """
 
 from __future__ import annotations
@@ -94,7 +94,8 @@ def training_profile(model: str | os.PathLike) -> TrainingProfile:
     return TrainingProfile(spacing, grid, axcodes)
 
 
-def displacement_qc(u: np.ndarray, affine: np.ndarray | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+def displacement_qc(u: np.ndarray, affine: np.ndarray | None = None, world: np.ndarray | None = None
+                    ) -> tuple[np.ndarray | None, dict[str, Any]]:
     """Jacobian determinant map and summary figures of one displacement.
 
     u: (ndim, *S) displacement in voxels (the runtime's convention); every spatial size >= 2.
@@ -102,6 +103,9 @@ def displacement_qc(u: np.ndarray, affine: np.ndarray | None = None) -> tuple[np
     Returns (det J map (*S) float32, figures): folding_percent (% voxels with det J <= 0), sd_log_jacobian (over
     det J > 0, ddof 0; None when no voxel has det J > 0), jacobian min/max/mean, displacement mean / p99 / max
     length in voxels (and in mm with an affine).
+    world: for a purely affine map (no deformable part), its (nd + 1)^2 world matrix: det J is then one number,
+    det of its linear part (A^-1 W A has W's determinant), no map is computed (None is returned for it) and
+    sd_log_jacobian is 0.
     """
     import torch
 
@@ -111,14 +115,21 @@ def displacement_qc(u: np.ndarray, affine: np.ndarray | None = None) -> tuple[np
     nd = u.ndim - 1
     if nd not in (2, 3) or u.shape[0] != nd:
         raise ValueError(f"u must be (ndim, *S) with ndim 2 or 3 and ndim channels, got shape {u.shape}")
-    t = torch.from_numpy(np.ascontiguousarray(u))[None]
-    det = jacobian_determinant(t)[0].numpy().astype(np.float32)
-    sd = float(std_log_jacobian(t)[0])
+    if world is None:
+        t = torch.from_numpy(np.ascontiguousarray(u))[None]
+        det = jacobian_determinant(t)[0].numpy().astype(np.float32)
+        sd = float(std_log_jacobian(t)[0])
+        folding = float((det <= 0).mean() * 100.0)
+        lo, hi, mean = float(det.min()), float(det.max()), float(det.mean())
+    else:
+        det = None
+        value = float(np.linalg.det(np.asarray(world, dtype=np.float64)[:nd, :nd]))
+        sd, folding, lo, hi, mean = 0.0, 100.0 * (value <= 0), value, value, value
     length = np.sqrt((u.astype(np.float64) ** 2).sum(axis=0))
     stats: dict[str, Any] = {
-        "folding_percent": float((det <= 0).mean() * 100.0),
+        "folding_percent": folding,
         "sd_log_jacobian": None if not np.isfinite(sd) else sd,
-        "jacobian_min": float(det.min()), "jacobian_max": float(det.max()), "jacobian_mean": float(det.mean()),
+        "jacobian_min": lo, "jacobian_max": hi, "jacobian_mean": mean,
         "displacement_voxels": {"mean": float(length.mean()), "p99": float(np.percentile(length, 99)),
                                 "max": float(length.max())},
     }
