@@ -41,7 +41,8 @@ def add_subcommands(subparsers) -> None:
                    help="comma-separated pair names or sets: labelled, heads, unlabelled, 2d, all")
     p.add_argument("--methods", default="all",
                    help="comma-separated: none, affine, net:default-3d, net:default-3d-4mm, net:default-2d, "
-                        "net+refine, net+refine-long, none+refine, ants:Affine, ants:SyN, ants:SyNCC, or all")
+                        "net+refine, net+refine-long, none+refine, ants:Affine, ants:SyN, ants:SyNOnlyCC, ants:SyNCC, "
+                        "or all")
     p.add_argument("--cache", default=None, help="data cache root (default: $DEEPSIM_RT_CACHE or ~/.cache/deepsim_rt)")
     p.add_argument("--report", default=None, help="markdown report path (default: OUT/real_brains.md)")
     p.add_argument("--figures", default=None, help="figure folder (default: beside the report)")

@@ -182,7 +182,7 @@ def targets_section(rows: list[dict[str, Any]], grid: str) -> list[str]:
         return _mean([r.get(key, float("nan")) for r in sel if r["method"] == m])
 
     lines = []
-    ants = {m: agg(m, "mean_dice12") for m in ("ants:Affine", "ants:SyN", "ants:SyNCC")}
+    ants = {m: agg(m, "mean_dice12") for m in ("ants:Affine", "ants:SyN", "ants:SyNOnlyCC", "ants:SyNCC")}
     ants = {m: v for m, v in ants.items() if not math.isnan(v)}
     ours = agg("net+refine", "mean_dice12")
     if ants and not math.isnan(ours):
@@ -250,7 +250,7 @@ def write_report(out: str | Path, path: str | Path | None = None, figures: str |
         for pair in pairs:
             present = {r["method"] for r in rows if r["grid"] == grid and r["pair"] == pair}
             preferred = [m for m in ("affine", "net:default-3d", "net:default-2d", "net+refine", "ants:SyN",
-                                     "ants:SyNCC") if m in present]
+                                     "ants:SyNOnlyCC") if m in present]
             methods = preferred or [m for m in METHODS if m in present][:4]
             fig = figures / f"overlay_{grid}_{pair.replace('->', '_to_')}.png"
             if _overlay(out / grid / pair, methods, fig):

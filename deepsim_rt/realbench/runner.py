@@ -120,7 +120,9 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("none+refine", "--model none --refine (defaults), after affine", "ours", model="none", refine={}),
     Method("ants:Affine", "ANTs Affine", "ants", ants="Affine"),
     Method("ants:SyN", "ANTs SyN (defaults)", "ants", ants="SyN"),
-    Method("ants:SyNCC", "ANTs SyNCC (affine + SyN with CC)", "ants", ants="SyNCC"),
+    Method("ants:SyNOnlyCC", "ANTs Affine, then SyNOnly with CC (radius 4, 40x20x0)", "ants", ants="SyNOnly",
+           extra={"after_affine": True, "syn_metric": "CC", "syn_sampling": 4, "reg_iterations": (40, 20, 0)}),
+    Method("ants:SyNCC", "ANTs SyNCC (rigid + affine + SyN with CC, 2100x1200x1200x20)", "ants", ants="SyNCC"),
 )}
 
 
@@ -225,7 +227,11 @@ def _run_ants(m: Method, mov: Path, fix: Path, labels: Path | None, ndim: int, w
                 "cpu_seconds": time.process_time() - c0,
                 "folding_percent": 0.0, "warped": warped.numpy(), "warped_labels": None if wl is None else wl.numpy()}
     t0, c0 = time.perf_counter(), time.process_time()
-    r = ants.registration(f, mo, type_of_transform=m.ants, outprefix=str(work / "ants_"), random_seed=1)
+    kw = dict(m.extra)
+    if kw.pop("after_affine", False):  # antsRegistrationSyNQuick-like: ANTs Affine, then SyN alone from it
+        aff = ants.registration(f, mo, type_of_transform="Affine", outprefix=str(work / "aff_"), random_seed=1)
+        kw["initial_transform"] = aff["fwdtransforms"]
+    r = ants.registration(f, mo, type_of_transform=m.ants, outprefix=str(work / "ants_"), random_seed=1, **kw)
     seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     wl = None if lab is None else ants.apply_transforms(f, lab, r["fwdtransforms"], interpolator="genericLabel")
     fold = 0.0
