@@ -4,11 +4,16 @@
                        [--backend auto|eager|compile|onnxruntime|aoti|tensorrt] [--device auto|cpu|cuda]
                        [--overwrite]
 
-Registers M onto F (inputs and their checks exactly as `deepsim-rt register`: NIfTI, PNG or NPY, same shape and
-affine), then scores every FIXED voxel (deepsim_rt.anomaly.scores):
+Registers M onto F (inputs read as `deepsim-rt register` reads them: NIfTI, PNG or NPY), then scores every FIXED
+voxel (deepsim_rt.anomaly.scores):
   semantic  1 - cos of the feature extractor's levels, each upsampled to the image grid, averaged over levels
   residual  |warped - fixed| in min-max normalized intensity units
   jacobian  |log max(det J, 1e-3)| of the displacement (local volume change, growth or shrinkage alike)
+NIfTI pairs are used in world space as `register` uses them (deepsim_rt.anomaly.geometry): any grids (moving is
+resampled onto the fixed grid from the affines), arrays brought to the model's training orientation by exact axis
+flips / permutation, the network run at its training voxel size and the semantic score at the extractor's; every
+map comes back on the fixed file's grid and axis order. PNG / NPY arrays (no voxel size) are scored as given, same
+shape. An extractor trained at another voxel size than the model is said in the notes.
 The extractor: --extractor, else the seg.safetensors bundled with / beside the model (an error names the file).
 Outputs in DIR, all or nothing (written into a temporary folder and moved into place together, summary.json
 last; existing outputs refused unless --overwrite; inputs never overwritten):
@@ -77,27 +82,61 @@ def _stats(arr: np.ndarray) -> dict[str, Any]:
             "argmax_voxel": [int(i) for i in np.unravel_index(int(np.argmax(arr)), arr.shape)]}
 
 
+def _output_names(fmt: str) -> list[str]:
+    """Every file `changes` writes for inputs of format `fmt`, known before any work (summary.json last)."""
+    if fmt == "nifti":
+        names = [f"change_{n}.nii.gz" for n in SCORES]
+    else:
+        names = [f"change_{n}.npy" for n in SCORES] + ([f"change_{n}.png" for n in SCORES] if fmt == "png" else [])
+    return [*names, "overlay.png", "summary.json"]
+
+
 def run_changes(moving: str | os.PathLike, fixed: str | os.PathLike, out: str | os.PathLike,
                 model: str | None = None, extractor: str | None = None, backend: str = "auto",
                 device: str = "auto", overwrite: bool = False) -> dict[str, Any]:
-    """Change maps of one pair of files (see the module docstring); returns the summary plus "outputs"."""
+    """Change maps of one pair of files (see the module docstring); returns the summary plus "outputs".
+
+    NIfTI pairs go through world space as `register` does (anomaly.geometry: the model's orientation and
+    spacing, other grids resampled from the affines); PNG / NPY arrays are scored as they are."""
+    from deepsim_rt.pipeline.outputs import check_out_dir, check_targets
+
+    t0 = time.perf_counter()
+    out = check_out_dir(out)  # before any work: `--out file/x`, an unwritable folder, existing outputs
+    pair = read_pair(moving, fixed)
+    check_targets(out, _output_names(pair.fixed.format), protected=pair.paths, overwrite=overwrite)
     from deepsim_rt.anomaly.detector import ChangeDetector
     from deepsim_rt.anomaly.figures import overlay_figure
     from deepsim_rt.anomaly.scores import COMBINE, JACOBIAN_FLOOR
 
-    t0 = time.perf_counter()
-    pair = read_pair(moving, fixed)
     model = model or default_model(pair)
     det = ChangeDetector.load(model, extractor=extractor, backend=backend, device=device)
     m_arr = _model_array(pair.moving, det.ndim, "moving")
     f_arr = _model_array(pair.fixed, det.ndim, "fixed")
     t_load = time.perf_counter() - t0
     t0 = time.perf_counter()
-    maps = det.detect(m_arr, f_arr)
+    fix = pair.fixed
+    notes = list(pair.notes)
+    if fix.format == "nifti":
+        from deepsim_rt.anomaly.geometry import world_change_maps
+
+        res = world_change_maps(det, m_arr, pair.moving.affine, f_arr, fix.affine,
+                                (str(pair.moving.path), str(fix.path)))
+        arrays, level_means, grid = res.maps, res.level_means, res.facts
+        notes += res.notes
+    else:
+        from deepsim_rt.anomaly.geometry import extractor_spacing_note
+        from deepsim_rt.nn.checkpoint import read_spacing
+
+        maps = det.detect(m_arr, f_arr)
+        arrays = {name: getattr(maps, name)[0].numpy().astype(np.float32) for name in SCORES}
+        level_means = [float(lv[0].mean()) for lv in maps.levels]
+        grid = {"network": "the arrays as given (PNG / NPY carry no voxel size)"}
+        src = str(det.extractor_source)
+        note = extractor_spacing_note(det.registrator.model_spacing,
+                                      read_spacing(src) if src.endswith(".safetensors") else None, src)
+        notes += [note] if note else []
     seconds = time.perf_counter() - t0
 
-    fix = pair.fixed
-    arrays = {name: getattr(maps, name)[0].numpy().astype(np.float32) for name in SCORES}
     files: dict[str, Any] = {}
     summary: dict[str, Any] = {
         "moving": str(pair.moving.path), "fixed": str(fix.path), "model": det.source,
@@ -105,7 +144,7 @@ def run_changes(moving: str | os.PathLike, fixed: str | os.PathLike, out: str | 
         "shape": list(f_arr.shape), "combine": COMBINE, "jacobian": f"|log max(det J, {JACOBIAN_FLOOR})|",
         "residual": "|warped - fixed|, min-max normalized intensities",
         "scores": {name: _stats(a) for name, a in arrays.items()},
-        "semantic_level_means": [float(lv[0].mean()) for lv in maps.levels],
+        "semantic_level_means": level_means, "grid": grid, "notes": notes,
         "timings_s": {"load_and_read": t_load, "register_and_score": seconds},
     }
     for name, arr in arrays.items():
@@ -151,22 +190,32 @@ def _changes(args: argparse.Namespace) -> int:
     print(f"change maps of {args.moving} -> {args.fixed} ({'x'.join(map(str, info['shape']))}) with {info['model']} "
           f"on {info['backend']} ({info['device']}): semantic mean {s['mean']:.4f}, max {s['max']:.4f} at voxel "
           f"{tuple(s['argmax_voxel'])}")
+    for note in info["notes"]:
+        print(f"  note: {note}")
     for p in info["outputs"]:
         print(f"  wrote {p}")
     return 0
 
 
 def _evaluate_changes(args: argparse.Namespace) -> int:
-    from deepsim_rt.anomaly.benchmark import ChangeEvalConfig, evaluate_changes
+    from deepsim_rt.anomaly.config import ChangeEvalConfig
+    from deepsim_rt.export._io import check_out_path
     from deepsim_rt.train.cli import config_from_args
 
     cfg = config_from_args(ChangeEvalConfig, args)
+    check_out_path(cfg.out, None)  # before the cases: `--out file/x` was a NotADirectoryError traceback at the end
+    from deepsim_rt.anomaly.benchmark import evaluate_changes
+
     evaluate_changes(cfg, figure=not args.no_figure)
     return 0
 
 
+# = deepsim_rt.runtime.BACKENDS (pinned by tests/test_cli_help_all.py): importing the runtime for the choices
+# imports torch: 3.0 s of `deepsim-rt changes --help` at load 1.2.
+BACKENDS = ("auto", "eager", "compile", "onnxruntime", "aoti", "tensorrt")
+
+
 def add_subcommands(subparsers) -> None:
-    from deepsim_rt.runtime import BACKENDS
 
     p = subparsers.add_parser(
         "changes", help="change maps after registration: semantic score, intensity residual, Jacobian",
@@ -183,7 +232,7 @@ def add_subcommands(subparsers) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs (never an input file)")
     p.set_defaults(func=_changes)
 
-    from deepsim_rt.anomaly.benchmark import ChangeEvalConfig
+    from deepsim_rt.anomaly.config import ChangeEvalConfig
     from deepsim_rt.train.cli import add_dataclass_arguments
 
     p = subparsers.add_parser(
