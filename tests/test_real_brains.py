@@ -114,6 +114,16 @@ def test_fetch_registry_error_is_one_line(tmp_path):
     assert "\n" not in msg and "fake==1.0" in msg and "No matching distribution" in msg and "place" in msg
 
 
+def test_fetch_apt_without_lists_says_what_to_do(tmp_path):
+    apt = tmp_path / "apt-get"
+    apt.write_text("#!/bin/sh\necho 'Reading package lists...'\n"
+                   "echo 'E: Unable to locate package fake' >&2\nexit 100\n")
+    apt.chmod(0o755)
+    with pytest.raises(ValueError, match=r"Unable to locate package fake \(the apt lists may be empty: run `apt-get "
+                                         r"update` first\)$"):
+        rb.fetch_source(_source(tmp_path, b"x", kind="apt"), tmp_path / "dl", apt_get=str(apt))
+
+
 def test_fetch_missing_client_is_one_line(tmp_path):
     with pytest.raises(ValueError, match=r"the client `/nonexistent/apt-get` is not installed"):
         rb.fetch_source(_source(tmp_path, b"x", kind="apt"), tmp_path / "dl", apt_get="/nonexistent/apt-get")

@@ -217,8 +217,9 @@ def _run(cmd: list[str], cwd: Path, what: str, env: dict | None = None) -> None:
     except subprocess.TimeoutExpired:
         raise ValueError(f"cannot fetch {what}: `{' '.join(cmd[:3])} ...` took over 600 s") from None
     except subprocess.CalledProcessError as exc:
-        raise ValueError(f"cannot fetch {what} ({' '.join(cmd[:3])} exit {exc.returncode}): "
-                         f"{_last_line(exc.stderr or exc.stdout)}") from None
+        line = _last_line(exc.stderr or exc.stdout)
+        hint = " (the apt lists may be empty: run `apt-get update` first)" if "Unable to locate" in line else ""
+        raise ValueError(f"cannot fetch {what} ({' '.join(cmd[:3])} exit {exc.returncode}): {line}{hint}") from None
 
 
 def fetch_source(src: Source, downloads: Path, pip: list[str] | None = None, apt_get: str = "apt-get") -> Path:
