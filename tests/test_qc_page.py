@@ -118,6 +118,18 @@ def test_batch_page_flags_outliers_with_relative_links(tmp_path):
     assert not list(tmp_path.glob(".*tmp*"))
 
 
+def test_batch_table_rows_take_their_qc_from_summary_json(tmp_path):
+    """The batch's summary.csv rows (blank cells, no ncc) work as they are: the figures come from summary.json."""
+    rows = _batch(tmp_path, [0.9, 0.9])
+    summary = json.loads((tmp_path / rows[1]["name"] / "summary.json").read_text())
+    summary["qc"].update(ncc=0.2, folding_percent=4.0)
+    (tmp_path / rows[1]["name"] / "summary.json").write_text(json.dumps(summary))
+    table = [{"name": r["name"], "status": "done", "error": "", "folding_percent": "", "register_s": "1.5"}
+             for r in rows]
+    text = write_batch_page(tmp_path, table).read_text()
+    assert "2 pairs, 1 flagged" in text and "folding 4.000 % &gt; 1 %" in text and "NCC 0.200" in text
+
+
 def test_batch_page_errors(tmp_path):
     with pytest.raises(ValueError, match="out_dir must be an existing folder"):
         write_batch_page(tmp_path / "missing", [])

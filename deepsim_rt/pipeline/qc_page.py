@@ -206,6 +206,25 @@ def flag_reasons(row: Mapping[str, Any], folding_max: float = FOLDING_MAX_PERCEN
     return out
 
 
+def _with_summary_qc(root: Path, row: Mapping[str, Any]) -> dict[str, Any]:
+    """The row, with ncc / folding_percent it lacks (or holds as blank CSV cells) read from its folder's
+    summary.json "qc" (written by `register`), so the batch table's rows can be passed as they are."""
+    out = dict(row)
+    missing = [k for k in ("ncc", "folding_percent") if out.get(k) in (None, "")]
+    summary = root / str(out.get("folder") or out["name"]) / "summary.json"
+    if missing and summary.is_file():
+        import json
+
+        try:
+            qc = json.loads(summary.read_text(encoding="utf-8")).get("qc") or {}
+        except (OSError, ValueError, AttributeError):
+            qc = {}
+        for k in missing:
+            if qc.get(k) is not None:
+                out[k] = qc[k]
+    return out
+
+
 def _rel(target: Path, root: Path) -> str:
     """`target` relative to `root` as a URL path (forward slashes, each part percent-encoded)."""
     from urllib.parse import quote
@@ -245,9 +264,11 @@ def write_batch_page(out_dir: str | os.PathLike, rows: Sequence[Mapping[str, Any
     """Write out_dir/qc.html for a batch (module docstring); returns its path.
 
     rows: one mapping per pair, in the order to show: name (required, the pair's folder inside out_dir unless
-    `folder` is given), status ("done" | "skipped" | "failed"), error, folding_percent, ncc (from
-    summary["qc"]["ncc"]), picture (path of the pair's QC PNG; default out_dir/<name>/qc.png), folder, and any of
-    register_s / warnings (shown). Relative paths in rows are relative to out_dir. Links in the page are relative.
+    `folder` is given), status ("done" | "skipped" | "failed"), error, folding_percent, ncc, picture (path of the
+    pair's QC PNG; default out_dir/<name>/qc.png), folder, and any of register_s / warnings (shown). A missing or
+    blank ncc / folding_percent is read from <folder>/summary.json "qc" (`write_pair_picture` puts ncc there), so
+    the batch table's rows (pipeline.batch TABLE_COLUMNS) can be passed as they are. Relative paths in rows are
+    relative to out_dir. Links in the page are relative.
     """
     root = Path(out_dir)
     if not root.is_dir():
@@ -256,11 +277,13 @@ def write_batch_page(out_dir: str | os.PathLike, rows: Sequence[Mapping[str, Any
         raise ValueError(f"folding_max must be a number >= 0 (percent), got {folding_max!r}")
     if not isinstance(ncc_min, int | float) or not -1.0 <= ncc_min <= 1.0:
         raise ValueError(f"ncc_min must be a number in [-1, 1], got {ncc_min!r}")
-    floor, floor_text = _ncc_floor(rows, float(ncc_min))
-    cards, flagged = [], []
     for i, row in enumerate(rows):
         if "name" not in row:
             raise ValueError(f"rows[{i}] needs a 'name', got keys {sorted(row)}")
+    rows = [_with_summary_qc(root, row) for row in rows]
+    floor, floor_text = _ncc_floor(rows, float(ncc_min))
+    cards, flagged = [], []
+    for i, row in enumerate(rows):
         name = str(row["name"])
         folder = root / str(row.get("folder") or name)
         pic = Path(row["picture"]) if row.get("picture") else folder / PICTURE_NAME
