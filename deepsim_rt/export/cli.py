@@ -13,7 +13,9 @@ half precision inside the graph (ONNX, AOTInductor, TensorRT strongly typed buil
 
 Every export is checked against PyTorch on random and real (atlas) inputs at sizes other than the trace example;
 the measured max / mean error of every output is printed and the command fails (exit 2, nothing written) when any
-exceeds the tolerance it states (fp32: 1e-4; fp16/bf16: 2e-2). Arguments are validated before any export starts.
+exceeds the tolerance it states (fp32: 1e-4; fp16/bf16: 2e-2). Every argument is validated before any export
+starts (tolerance, --out and its folder, the format's suffix, precision and graph rules, the checkpoint): an
+existing output file or Triton model folder is refused unless --overwrite.
 """
 
 from __future__ import annotations
