@@ -191,3 +191,23 @@ def test_training_source_serves_synthesis():
     assert src.subject("val", 1)[0] is img  # validation subjects are cached
     (mi, ml), (fi, fl) = src.pair("train", 3, 5)
     assert mi.shape == fi.shape == (1, 48, 40) and 0 <= float(mi.min()) and float(mi.max()) <= 1
+
+
+def test_training_on_synthesis_records_the_recipe(tmp_path):
+    """Two steps of registration training on synth-tiny-2d: the model file carries the synthesis settings."""
+    import json
+
+    from safetensors import safe_open
+
+    from deepsim_rt.train.config import RegistrationTrainConfig
+    from deepsim_rt.train.registration import train_registration
+
+    cfg = RegistrationTrainConfig(loss="mind", data="synth-tiny-2d", preset="tiny", steps=2, batch_size=2,
+                                  val_every=2, val_items=2, checkpoint_every=2, threads=1, progress=False,
+                                  out=str(tmp_path / "reg"))
+    summary = train_registration(cfg)
+    assert math.isfinite(summary["last_validation"]["loss"])
+    with safe_open(summary["model"], "pt") as f:
+        recipe = json.loads(f.metadata()["synthesis"])
+    assert recipe["synthesis"] == "synth-tiny-2d" and recipe["voxel_size"] == 4 and "MNI152" in recipe["label_maps"]
+    assert SynthConfig.from_dict({k: v for k, v in recipe.items() if k not in ("synthesis", "label_maps")}) == TINY
