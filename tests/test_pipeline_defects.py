@@ -149,10 +149,16 @@ def test_spacing_far_from_the_models_is_refused(tmp_path):
 
     reg = Registrator.from_model(random_regnet(3, seed=2), device="cpu", model_spacing=(2.0, 2.0, 2.0))
     img = np.random.default_rng(0).random((20, 24, 20)).astype(np.float32)
-    with pytest.raises(ValueError, match=r"a \[500, 600, 500\] grid .* expected at most 134217728 voxels"):
+    with pytest.raises(ValueError, match=r"spacing \[50.0, 50.0, 50.0\] mm is 25x from the model's .* a \[500, 600, "
+                                         r"500\] network grid\): expected within 16x"):
         reg.register(img, img, spacing=50)  # was: an attempt to allocate 25.9 GB
-    with pytest.raises(ValueError, match=r"a \[2, 2, 2\] grid .* expected at least 8 voxels per axis"):
+    with pytest.raises(ValueError, match=r"spacing \[0.01, 0.01, 0.01\] mm is 200x from the model's .* expected "
+                                         r"within 16x"):
         reg.register(img, img, spacing=0.01)  # was: a silent 19.8-voxel field
+    from deepsim_rt.transforms.scale import SpacingPlan
+
+    with pytest.raises(ValueError, match=r"a \[520, 520, 520\] grid .* expected at most 134217728 voxels"):
+        SpacingPlan.make((260, 260, 260), 4.0, 2.0)  # within 16x, but 1.4e8 network voxels
     assert reg.register(img, img, spacing=1.0).displacement.shape == (3, 20, 24, 20)  # 2x coarser: fine
 
 

@@ -153,7 +153,7 @@ def test_deepsim_loss_with_given_extractor_decreases():
 # Bad input
 # ----------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kwargs,match", [
-    ({"iterations": -1}, "iterations must be an int >= 0"),
+    ({"iterations": -1}, r"iterations must be an int in \[0, 10000\]"),
     ({"lam": -0.5}, "lam must be a number >= 0"),
     ({"loss": "ssim"}, "unknown refine loss 'ssim'"),
     ({"levels": 0}, "levels must be an int >= 1"),

@@ -75,7 +75,7 @@ def test_register_cli_refine_and_model_none(tmp_path, pair2d, run_cli):
 @pytest.mark.parametrize("argv,match", [
     (["--model", "none"], "--model none (no network) needs --refine ITERS"),
     (["--refine-loss", "mse"], "--refine-loss apply only with --refine ITERS"),
-    (["--refine", "-1"], "refine iterations must be an int >= 0, got -1"),
+    (["--refine", "-1"], "refine iterations must be an int in [0, 10000] (Adam steps per pyramid level), got -1"),
     (["--refine", "2", "--refine-lam", "-1"], "refine lam must be a number >= 0"),
     (["--refine", "1", "--refine-levels", "6"], "would shrink spatial axis 0 (size 96) to 3 voxels"),
     (["--model", "none", "--refine", "1", "--refine-loss", "deepsim_ae"], "deepsim_ae needs a feature extractor"),

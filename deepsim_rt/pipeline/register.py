@@ -105,7 +105,10 @@ def register_pair(reg, pair: Pair, affine: str | None = None, label_mode: str | 
             m_in, m_aff, f_in, f_aff, l_in = m_arr, pair.moving.affine, f_arr, pair.fixed.affine, l_arr
             if nd == 3:  # the model's training axis order, exactly (permutation + flips); outputs come back
                 from deepsim_rt.pipeline.orientation import DEFAULT_AXCODES, Reorientation
+                from deepsim_rt.transforms.grid import Grid
 
+                file_grids = {"moving_grid": Grid.of(m_arr.shape, m_aff, str(pair.moving.path)).as_dict(),
+                              "fixed_grid": Grid.of(f_arr.shape, f_aff, str(pair.fixed.path)).as_dict()}
                 target = profile.axcodes if profile.axcodes is not None else DEFAULT_AXCODES
                 r_m = Reorientation.of(m_aff, m_arr.shape, target)
                 r_f = Reorientation.of(f_aff, f_arr.shape, target)
@@ -121,6 +124,7 @@ def register_pair(reg, pair: Pair, affine: str | None = None, label_mode: str | 
             warped, u, warped_labels, grid, world, u_net = wr.warped, wr.u, wr.warped_labels, wr.facts, wr.world, \
                 wr.u_net
             if orientation is not None:  # back onto the fixed file's own axes (world coordinates are unchanged)
+                grid = {**grid, **file_grids}  # the files' grids; "network" is in the model's axis order
                 warped, u, u_net = r_f.from_model(warped), r_f.vector_from_model(u), r_f.vector_from_model(u_net)
                 warped_labels = None if warped_labels is None else r_f.from_model(warped_labels)
         else:

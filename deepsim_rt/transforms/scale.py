@@ -17,13 +17,14 @@ import torch
 from deepsim_rt.transforms.grid import Grid, grid_with_spacing
 from deepsim_rt.transforms.resample import grid_coords, sample, smooth_for_downsampling
 
-__all__ = ["SpacingPlan", "SPACING_RTOL", "check_spacing", "MIN_NETWORK_AXIS", "MAX_NETWORK_VOXELS"]
+__all__ = ["SpacingPlan", "SPACING_RTOL", "check_spacing", "MAX_SPACING_FACTOR", "MAX_NETWORK_VOXELS"]
 
 SPACING_RTOL = 0.05  # input spacing within 5 % of the model's: run the network on the input grid as is
-# The model grid must be a grid the network can work on: at least 8 voxels per axis (2**3 = the bundled nets'
-# multiple; below it a "registration" is a handful of voxels, e.g. spacing=0.01 mm gave a 19.8-voxel field), and at
-# most 2**27 voxels (512^3; 512 MiB per float32 copy, the network holds dozens: spacing=50 asked for 25.9 GB).
-MIN_NETWORK_AXIS = 8
+# How far the input's spacing may be from the model's, per axis: 16x (a 0.125 mm input for a 2 mm model; beyond it
+# the spacing is a typo or in the wrong unit: spacing=0.01 mm squeezed a volume into a few network voxels and
+# returned a 19.8-voxel field, spacing=50 asked for 25.9 GB), and the model grid at most 2**27 voxels (512^3: 512 MiB
+# per float32 copy; the network holds dozens).
+MAX_SPACING_FACTOR = 16.0
 MAX_NETWORK_VOXELS = 2**27
 
 
@@ -59,10 +60,11 @@ class SpacingPlan:
         model_shape = shape if same else grid_with_spacing(cls._grid(shape, s_in), s_model).shape
         if not same:
             fov = [round(n * s, 3) for n, s in zip(shape, s_in, strict=True)]
-            if min(model_shape) < MIN_NETWORK_AXIS:
-                raise ValueError(f"spacing {list(s_in)} mm makes the {list(shape)} input a {list(model_shape)} grid "
-                                 f"at the model's {list(s_model)} mm (field of view {fov} mm): expected at least "
-                                 f"{MIN_NETWORK_AXIS} voxels per axis; is the spacing in mm?")
+            factor = max(max(a / b, b / a) for a, b in zip(s_in, s_model, strict=True))
+            if factor > MAX_SPACING_FACTOR:
+                raise ValueError(f"spacing {list(s_in)} mm is {factor:.3g}x from the model's {list(s_model)} mm (the "
+                                 f"{list(shape)} input would be a {list(model_shape)} network grid): expected within "
+                                 f"{MAX_SPACING_FACTOR:g}x; is the spacing in mm?")
             if int(np.prod(model_shape, dtype=np.int64)) > MAX_NETWORK_VOXELS:
                 raise ValueError(f"spacing {list(s_in)} mm makes the {list(shape)} input a {list(model_shape)} grid "
                                  f"at the model's {list(s_model)} mm (field of view {fov} mm): expected at most "
