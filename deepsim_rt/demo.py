@@ -169,6 +169,9 @@ def _refine_summary(reg, source, pairs: list, rows: list[dict], net_latency: lis
 
 def run_demo(cfg: DemoConfig) -> dict:
     """Run the demo; returns {"2d": summary, "3d": summary} and writes OUT/summary.json and the figures."""
+    from deepsim_rt.export._io import check_out_path
+
+    check_out_path(cfg.out, None)  # before any work: '' (was the current folder), a file, an unwritable folder
     if cfg.threads:
         import torch
 

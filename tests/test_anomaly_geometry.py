@@ -130,6 +130,8 @@ def test_changes_cli_says_a_mismatched_extractor_and_records_the_geometry(run_cl
     (["evaluate-changes", "--out", "{file}/x"], "is a file, not a folder"),
     (["changes", "--moving", "{m}", "--fixed", "{m}", "--out", "{file}/x"], "is a file, not a folder"),
     (["demo", "--threads", "-1"], "threads must be an int >= 0 (0: torch's default), got -1"),
+    (["demo", "--out", "{file}/x", "--dims", "2"], "is a file, not a folder"),
+    (["demo", "--out", ""], "--out must name a folder, got ''"),
 ])
 def test_bad_arguments_are_one_line_before_any_work(argv, expected, run_cli, tmp_path, monkeypatch):
     """Were: 504 s and 1.4 GB unchecked; NotADirectoryError and RuntimeError tracebacks after the work."""
@@ -137,12 +139,14 @@ def test_bad_arguments_are_one_line_before_any_work(argv, expected, run_cli, tmp
     np.save(tmp_path / "m.npy", np.zeros((8, 8), np.float32))
     import deepsim_rt.anomaly.benchmark as bench
     import deepsim_rt.anomaly.detector as detector
+    import deepsim_rt.demo as demo
 
     def no_work(*a, **k):
         raise AssertionError("work started before the arguments were checked")
 
     monkeypatch.setattr(bench, "ChangeBenchmark", no_work)
     monkeypatch.setattr(detector.ChangeDetector, "load", no_work)
+    monkeypatch.setattr(demo, "_run_dim", no_work)
     argv = [a.format(file=tmp_path / "file", m=tmp_path / "m.npy") for a in argv]
     code, text = run_cli(*argv)
     assert code == 2 and expected in text and len(text.strip().splitlines()) == 1, text
