@@ -57,13 +57,20 @@ ROBUST_MIN_ROWS = 5  # a median / MAD of fewer NCCs says little about what is un
 _MAD_TO_SD = 1.4826  # MAD of a normal distribution x 1.4826 = its standard deviation
 
 
-def _unit(x: np.ndarray) -> np.ndarray:
-    """Robust [0, 1] display scaling: the 1st .. 99th percentile of the image."""
-    x = np.asarray(x, dtype=np.float32)
-    lo, hi = (float(v) for v in np.percentile(x, [1, 99]))
+def _display_range(x: np.ndarray) -> tuple[float, float]:
+    """The 1st .. 99th percentile of the image (from at most ~500k voxels, evenly strided: a 1 mm head has 5M
+    and the percentile of all of them cost 0.1 s per call), for a robust [0, 1] display scaling."""
+    flat = np.asarray(x).ravel()
+    sub = flat[:: max(1, flat.size // 500_000)]
+    lo, hi = (float(v) for v in np.percentile(sub, [1, 99]))
     if hi <= lo:
-        lo, hi = float(x.min()), float(x.max())
-    return np.clip((x - lo) / max(hi - lo, 1e-12), 0.0, 1.0)
+        lo, hi = float(flat.min()), float(flat.max())
+    return lo, hi
+
+
+def _scaled(x: np.ndarray, lo_hi: tuple[float, float]) -> np.ndarray:
+    lo, hi = lo_hi
+    return np.clip((np.asarray(x, dtype=np.float32) - lo) / max(hi - lo, 1e-12), 0.0, 1.0)
 
 
 def pair_ncc(fixed: np.ndarray, warped: np.ndarray) -> float | None:
@@ -73,7 +80,8 @@ def pair_ncc(fixed: np.ndarray, warped: np.ndarray) -> float | None:
     w = np.asarray(warped, dtype=np.float64)
     if f.shape != w.shape:
         raise ValueError(f"fixed and warped must have the same shape, got {f.shape} and {w.shape}")
-    fg = _unit(f) > 0.05
+    lo, hi = _display_range(f)
+    fg = f > lo + 0.05 * (hi - lo)
     if fg.sum() < 2:
         fg = np.ones_like(fg)
     a, b = f[fg] - f[fg].mean(), w[fg] - w[fg].mean()
@@ -123,7 +131,7 @@ def write_pair_picture(path: str | os.PathLike, fixed: np.ndarray, warped: np.nd
     qc = summary.setdefault("qc", {})
     ncc = pair_ncc(f, w)
     qc["ncc"] = ncc
-    fu, wu = _unit(f), _unit(w)
+    f_range, w_range = _display_range(f), _display_range(w)
     views = _views(f)
     cols = 3 if j is not None else 2
     plt = _plt()
@@ -132,7 +140,7 @@ def write_pair_picture(path: str | os.PathLike, fixed: np.ndarray, warped: np.nd
     fig, axes = plt.subplots(len(views), cols, figsize=(cols * size + 0.8, len(views) * size + 0.9), squeeze=False)
     show = dict(origin="lower", interpolation="nearest")
     for r, (label, idx) in enumerate(views):
-        a, b = fu[idx], wu[idx]
+        a, b = _scaled(f[idx], f_range), _scaled(w[idx], w_range)
         rgb = np.stack([a, b, a], axis=-1)  # magenta fixed + green warped: grey where equal
         axes[r, 0].imshow(rgb, **show)
         axes[r, 0].set_title(f"fixed (magenta) / warped (green){'  ' + label if label else ''}")
@@ -147,8 +155,7 @@ def write_pair_picture(path: str | os.PathLike, fixed: np.ndarray, warped: np.nd
             axes[r, 2].set_title(f"det J (folded: {int((jj <= 0).sum())} px)")
             fig.colorbar(im, ax=axes[r, 2], fraction=0.046, pad=0.02)
     for ax in axes.ravel():
-        ax.set_xticks([])
-        ax.set_yticks([])
+        ax.set_axis_off()  # no ticks: their creation was 0.5 of the 2.4 s a 1 mm picture took
         ax.title.set_fontsize(9)
     name = summary.get("name") or f"{Path(str(summary.get('moving', 'moving'))).name} -> " \
                                   f"{Path(str(summary.get('fixed', 'fixed'))).name}"
@@ -158,7 +165,9 @@ def write_pair_picture(path: str | os.PathLike, fixed: np.ndarray, warped: np.nd
     if qc.get("sd_log_jacobian") is not None:
         facts.append(f"sd log|J| {qc['sd_log_jacobian']:.3f}")
     fig.suptitle(f"{name}\n" + "   ".join(facts), fontsize=10)
-    fig.tight_layout()
+    # fixed margins, not tight_layout: its text measuring was 0.75 of the 2.8 s a 1 mm picture took
+    height = len(views) * size + 0.9  # inches, as in figsize: title lines + panel titles take ~0.85 of them
+    fig.subplots_adjust(left=0.01, right=0.93, bottom=0.01, top=1.0 - 0.85 / height, wspace=0.08, hspace=0.2)
     out = Path(path)
     atomic_write(out, lambda tmp: fig.savefig(tmp, format="png", dpi=90))
     plt.close(fig)
