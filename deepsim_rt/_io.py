@@ -11,7 +11,40 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["atomic_write", "full_suffix"]
+__all__ = ["atomic_write", "full_suffix", "gzip_compress", "write_nifti", "GZIP_BACKEND"]
+
+
+def _gzip_backend():
+    try:  # ISA-L's igzip: the same deflate format, ~12x faster than zlib at level 1 (a 1 mm 3-vector field: 0.4 s
+        from isal import igzip  # vs 5.1 s on the loaded 2-core box, 54.7 vs 55.0 MB)
+
+        return "isal", igzip.compress
+    except ImportError:
+        import gzip
+
+        return "zlib", gzip.compress
+
+
+GZIP_BACKEND, _GZIP = _gzip_backend()
+
+
+def gzip_compress(raw: bytes, level: int = 1) -> bytes:
+    """A gzip stream of `raw` (level 0 = stored .. 9), by python-isal's igzip when installed, else zlib; mtime 0
+    (the same bytes for the same data). isal's levels are 0..3: higher levels map to its 3."""
+    if not 0 <= int(level) <= 9:
+        raise ValueError(f"gzip level must be 0..9, got {level!r}")
+    if GZIP_BACKEND == "isal":
+        return _GZIP(raw, compresslevel=min(int(level), 3), mtime=0)
+    return _GZIP(raw, compresslevel=int(level), mtime=0)
+
+
+def write_nifti(path: str | os.PathLike, img, level: int = 1) -> Path:
+    """Save a nibabel single-file image (Nifti1Image / Nifti2Image) atomically; a .nii.gz is compressed here at
+    `level` (gzip_compress: ISA-L when installed) rather than by nibabel's zlib stream. Returns the path."""
+    path = Path(path)
+    raw = img.to_bytes()
+    blob = gzip_compress(raw, level) if path.name.lower().endswith(".gz") else raw
+    return atomic_write(path, lambda tmp: Path(tmp).write_bytes(blob))
 
 
 def full_suffix(path: Path) -> str:

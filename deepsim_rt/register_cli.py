@@ -3,7 +3,7 @@
     deepsim-rt register --moving m.nii.gz --fixed f.nii.gz --out DIR [--labels m_labels.nii.gz]
                         [--model default-3d|default-2d|PATH] [--backend auto|eager|compile|onnxruntime|aoti|tensorrt]
                         [--device auto|cpu|cuda] [--affine rigid|affine] [--label-mode generic|nearest]
-                        [--overwrite]
+                        [--outputs KINDS] [--compress fast|small|none] [--overwrite]
     deepsim-rt register --pairs pairs.csv --out DIR [same options]     (a batch: deepsim_rt.pipeline.batch; columns
                         moving, fixed[, labels][, name]; resumable; rows shared among torchrun ranks)
 
@@ -11,8 +11,11 @@ Inputs, any size (the runtime pads to the network's multiple and crops back; int
 the model expects):
   NIfTI (.nii / .nii.gz): 3D volumes for a 3D model; 2D images (X, Y) or single-slice volumes (X, Y, 1) for a 2D
       model. When moving and fixed differ in shape or affine, moving is resampled onto the fixed grid from the two
-      affines (linear; said in the warnings and summary.json "grid"). --affine runs a rigid / affine
-      pre-alignment first (deepsim_rt.transforms.affine). Both images then go to the model's training voxel
+      affines (linear; said in the warnings and summary.json "grid"). 3D arrays are brought to the model's
+      training axis order (S, A, R for the bundled models) by exact flips and permutation, never resampled, and
+      every output comes back in the fixed file's own axis order (oblique files: the closest axes, the rotation
+      stays in the affine; deepsim_rt.pipeline.orientation; summary.json "orientation"). --affine runs a rigid /
+      affine pre-alignment first (deepsim_rt.transforms.affine). Both images then go to the model's training voxel
       spacing (checkpoint metadata "spacing_mm"; same field of view), the network runs there and its displacement
       comes back to the fixed grid (deepsim_rt.transforms.scale). The original moving image and labels are
       sampled once through the composed map. Labels: integer-valued, same shape and affine as moving; warped
@@ -31,8 +34,18 @@ never overwritten, even with --overwrite. A failed write leaves nothing new behi
       pre-alignment is composed in). transform_itk.nii.gz: the same map as an ITK / ANTs displacement field, 5D
       (X, Y, Z, 1, 3), intent vector, LPS millimetres, fixed -> moving points (deepsim_rt.transforms.itk):
       `antsApplyTransforms -r fixed -i moving -t transform_itk.nii.gz` reproduces warped.nii.gz.
+      With --affine the two parts are written as ANTs writes them instead of transform_itk.nii.gz: affine.mat, the
+      pre-alignment as an ITK affine (as ANTs' 0GenericAffine.mat; deepsim_rt.transforms.itk_affine), and
+      warp.nii.gz, the deformable part as an ITK field on the fixed grid:
+      `antsApplyTransforms -r fixed -i moving -t warp.nii.gz -t affine.mat`
+      `deepsim-rt apply --transform warp.nii.gz --transform affine.mat --input moving --out ...` (the same). An
+      affine-only run (--model none --affine ... --refine 0) writes no dense field: affine.mat and warped.*.
   PNG inputs -> warped.png (the input's bit depth, rounded and clipped), displacement.npy, warped_labels.png.
   NPY inputs -> warped.npy, displacement.npy, warped_labels.npy.
+  Every input -> qc.png: fixed / warped overlay, checkerboard and det J per view (deepsim_rt.pipeline.qc_page); a
+  batch adds DIR/qc.html, every pair's picture with the outliers (folding, low similarity, failed) first.
+  --outputs picks the kinds written (warped, labels, displacement, transform, jacobian, picture); --compress sets
+  the gzip level of .nii.gz outputs (fast: level 1, by ISA-L when python-isal is installed).
   displacement.npy is (*S, ndim), vector on the last axis, voxels, as the NIfTI.
   QC (deepsim_rt.pipeline.qc): jacobian.nii.gz (NIfTI inputs, fixed affine) or jacobian.npy: det J of p -> p + u(p) per
   voxel (voxel units; equal to the world-unit determinant); summary.json: inputs, model, backend, device, timings
@@ -62,10 +75,13 @@ def _cmd(args: argparse.Namespace) -> int:
     if args.moving is None or args.fixed is None:
         raise ValueError("give --moving and --fixed (one pair) or --pairs CSV (a batch)")
     from deepsim_rt.pipeline.register import run_register
+    from deepsim_rt.pipeline.write import COMPRESS_LEVELS, gzip_level_set
 
-    info = run_register(args.moving, args.fixed, args.out, labels=args.labels, model=args.model,
-                        backend=args.backend, device=args.device, overwrite=args.overwrite, affine=args.affine,
-                        label_mode=args.label_mode, refine=refine_config_from_args(args))
+    outputs = None if args.outputs is None else [k.strip() for k in args.outputs.split(",") if k.strip()]
+    with gzip_level_set(COMPRESS_LEVELS[args.compress]):
+        info = run_register(args.moving, args.fixed, args.out, labels=args.labels, model=args.model,
+                            backend=args.backend, device=args.device, overwrite=args.overwrite, affine=args.affine,
+                            label_mode=args.label_mode, refine=refine_config_from_args(args), outputs=outputs)
     print(f"registered {args.moving} -> {args.fixed} ({'x'.join(map(str, info['shape']))}) with {info['model']} "
           f"on {info['backend']} ({info['device']}) in {info['seconds'] * 1000:.1f} ms; max |u| = "
           f"{info['max_displacement_voxels']:.2f} voxels")
@@ -81,9 +97,14 @@ def _batch_cmd(args: argparse.Namespace, refine: Any) -> int:
 
     if args.moving is not None or args.fixed is not None or args.labels is not None:
         raise ValueError("--pairs takes moving, fixed and labels from the CSV; drop --moving / --fixed / --labels")
-    rows = run_batch(args.pairs, args.out, model=args.model, backend=args.backend, device=args.device,
-                     overwrite=args.overwrite, pair_options={"affine": args.affine, "label_mode": args.label_mode,
-                                                             "refine": refine})
+    from deepsim_rt.pipeline.write import COMPRESS_LEVELS, gzip_level_set
+
+    if args.outputs is not None:
+        raise ValueError("--outputs applies to one pair (--moving / --fixed); a batch writes every output")
+    with gzip_level_set(COMPRESS_LEVELS[args.compress]):
+        rows = run_batch(args.pairs, args.out, model=args.model, backend=args.backend, device=args.device,
+                         overwrite=args.overwrite, pair_options={"affine": args.affine, "label_mode": args.label_mode,
+                                                                 "refine": refine})
     counts = {s: sum(r["status"] == s for r in rows) for s in ("done", "skipped", "failed")}
     if os.environ.get("RANK", "0") == "0":
         for r in rows:
@@ -125,6 +146,13 @@ def add_subcommands(subparsers) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:i] (default: %(default)s)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace existing outputs in --out (never an input file; default: refuse)")
+    p.add_argument("--outputs", default=None, metavar="KINDS",
+                   help="one pair: write only these, comma-separated: warped, labels, displacement, transform "
+                        "(transform_itk.nii.gz / affine.mat + warp.nii.gz), jacobian, picture (qc.png); summary.json "
+                        "always (default: all)")
+    p.add_argument("--compress", default="fast", choices=("fast", "small", "none"),
+                   help="gzip level of the .nii.gz outputs: fast = 1 (ISA-L when python-isal is installed), small = "
+                        "6, none = 0 (stored; still .nii.gz) (default: %(default)s)")
     from deepsim_rt.refine.cli import add_refine_arguments
 
     add_refine_arguments(p)

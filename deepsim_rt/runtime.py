@@ -410,12 +410,10 @@ class Registrator:
                 warnings.warn(f"{name} image is constant (every voxel {float(x.flatten()[0]):g}): there is nothing "
                               "to register, the displacement is not meaningful", RuntimeWarning, stacklevel=2)
         check_choice("label_mode", label_mode, LABEL_MODES)
-        warped_n, disp, scale_facts = self.network_displacement(mov_n, fix_n, spacing)
+        if refine is not None and not isinstance(refine, RefineConfig):
+            raise ValueError(f"refine must be a RefineConfig or None, got {type(refine).__name__}")
+        warped_n, disp, scale_facts = self.network_displacement(mov_n, fix_n, spacing, refine=refine)
         warped = warped_n * scale + lo
-        if refine is not None:  # instance optimisation (deepsim_rt.refine) from the network's displacement
-            disp = self._refine(mov_n, fix_n, disp, refine)
-            with torch.inference_mode():
-                warped = warp(mov_n, disp, mode="linear", padding=cfg.padding) * scale + lo
         warped_labels = None
         if labels_b is not None:
             with torch.inference_mode():
@@ -446,8 +444,8 @@ class Registrator:
         init = None if isinstance(self.backend, NoNetworkBackend) else displacement
         return refine(moving, fixed, init=init, config=cfg).displacement.float().contiguous()
 
-    def network_displacement(self, mov_n: torch.Tensor, fix_n: torch.Tensor, spacing: Any = None
-                             ) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    def network_displacement(self, mov_n: torch.Tensor, fix_n: torch.Tensor, spacing: Any = None,
+                             refine: RefineConfig | None = None) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """The network on normalised (B, C, *S) inputs -> (warped normalised (B, C, *S), displacement
         (B, ndim, *S) in input voxels, facts). Padding to the network's multiple and cropping happen here.
 
@@ -455,16 +453,26 @@ class Registrator:
         the model's spacing over the same field of view (transforms.scale: anti-aliased, linear), the network runs
         there, and its displacement comes back to the input grid (linear, vectors rescaled to input voxels); the
         warped image is then moving warped at the input resolution. A model without a recorded spacing runs on
-        the input grid, with a RuntimeWarning."""
+        the input grid, with a RuntimeWarning.
+
+        refine: instance optimisation (deepsim_rt.refine) of the network's displacement on the grid the network ran
+        on (its pyramid's finest level is the model's spacing: a 1 mm pair refines at 2 mm, 8x fewer voxels), or,
+        with refine.full_resolution, on the input grid. Without a network: from zero, on the input grid."""
         from deepsim_rt.transforms.scale import SpacingPlan, check_spacing
 
         cfg = self.cfg
         shape = tuple(mov_n.shape[2:])
         if isinstance(self.backend, NoNetworkBackend):  # no network, no training spacing: the input grid as is
             given = None if spacing is None else torch.as_tensor(spacing, dtype=torch.float64).flatten().tolist()
-            return mov_n, self.backend(mov_n, fix_n)[1], {
-                "input_spacing_mm": given, "model_spacing_mm": None, "input_shape": list(shape),
-                "network_shape": None, "resampled": False}
+            disp = self.backend(mov_n, fix_n)[1]
+            facts = {"input_spacing_mm": given, "model_spacing_mm": None, "input_shape": list(shape),
+                     "network_shape": None, "resampled": False}
+            if refine is None:
+                return mov_n, disp, facts
+            disp = self._refine(mov_n, fix_n, disp, refine)
+            with torch.inference_mode():
+                warped_n = warp(mov_n, disp, mode="linear", padding=cfg.padding)
+            return warped_n, disp, {**facts, "refined_at": "input grid"}
         plan = s_in = None
         if spacing is not None:
             s_in = check_spacing("spacing", spacing, cfg.ndim)
@@ -482,14 +490,26 @@ class Registrator:
         warped_p, disp_p = self.backend(mov_p.contiguous(), fix_p.contiguous())
         warped_n = crop(warped_p, pads).float()
         disp = crop(disp_p, pads).float().contiguous()
-        if plan is not None and plan.resample:
+        resampled = plan is not None and plan.resample
+        refined_at = None
+        if refine is not None and not (resampled and refine.full_resolution):
+            disp = self._refine(mov_in, fix_in, disp, refine)  # on the network's grid
+            refined_at = "model grid" if resampled else "input grid"
+        if resampled:
             with torch.inference_mode():
                 disp = plan.displacement_to_input(disp).contiguous()
+        if refine is not None and refined_at is None:  # full_resolution: from the network's field, at the input's
+            disp = self._refine(mov_n, fix_n, disp, refine)
+            refined_at = "input grid"
+        if resampled or refine is not None:
+            with torch.inference_mode():
                 warped_n = warp(mov_n, disp, mode="linear", padding=cfg.padding)
         facts = plan.as_dict() if plan is not None else {
             "input_spacing_mm": None if s_in is None else list(s_in),
             "model_spacing_mm": None if self.model_spacing is None else list(self.model_spacing),
             "input_shape": list(shape), "network_shape": list(shape), "resampled": False}
+        if refined_at is not None:
+            facts["refined_at"] = refined_at
         return warped_n, disp, facts
 
     __call__ = register

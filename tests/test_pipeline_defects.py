@@ -81,7 +81,7 @@ def test_overwrite_removes_a_previous_runs_labels(tmp_path, model2d, run_cli):
     summary = json.loads((tmp_path / "o" / "summary.json").read_text())
     assert summary["labels"] is None
     assert not (tmp_path / "o" / "warped_labels.npy").exists()  # no stale file beside a summary without labels
-    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["displacement.npy", "jacobian.npy",
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["displacement.npy", "jacobian.npy", "qc.png",
                                                                    "summary.json", "warped.npy"]
 
 
@@ -190,7 +190,7 @@ def test_affine_only_writes_no_dense_field_and_apply_takes_the_mat(tmp_path, run
                        "--device", "cpu")
     assert rc == 0, text
     names = sorted(p.name for p in (tmp_path / "o").iterdir())
-    assert names == ["affine.mat", "summary.json", "warped.nii.gz"], names  # a 12-parameter map, no 3 x S field
+    assert names == ["affine.mat", "qc.png", "summary.json", "warped.nii.gz"], names  # 12 numbers, no 3 x S field
     summary = json.loads((tmp_path / "o" / "summary.json").read_text())
     assert summary["transforms"] == {"ants": ["affine.mat"], "dense_field": False,
                                      "command": "antsApplyTransforms -r FIXED -i MOVING -t affine.mat"}

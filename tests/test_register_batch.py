@@ -54,9 +54,11 @@ def test_batch_matches_single_pairs_and_resumes(cohort, model2d, run_cli):
     table = _table(out)
     assert [r["name"] for r in table] == names and {r["status"] for r in table} == {"done"}
     assert json.loads((out / "summary.json").read_text())[1]["name"] == "second"
-    assert sorted(p.name for p in (out / "s0_to_s4").iterdir()) == ["displacement.npy", "jacobian.npy",
+    assert sorted(p.name for p in (out / "s0_to_s4").iterdir()) == ["displacement.npy", "jacobian.npy", "qc.png",
                                                                      "summary.json", "warped.npy",
                                                                      "warped_labels.npy"]
+    page = (out / "qc.html").read_text()  # one page: every pair's picture, linked relative to the batch folder
+    assert all(f'src="{n}/qc.png"' in page for n in names), page[:2000]
     # the same files as `deepsim-rt register` on that pair
     rc, text = run_cli("register", "--moving", str(cohort / "data" / "s0.npy"), "--fixed",
                        str(cohort / "data" / "s4.npy"), "--labels", str(cohort / "data" / "s0_lab.npy"), "--out",

@@ -17,7 +17,8 @@ Shardable: under `torchrun --nproc-per-node N -m deepsim_rt.cli register --pairs
 r, r + N, r + 2N, ... (RANK / WORLD_SIZE from the environment, process group via deepsim_rt.train.distributed:
 gloo on CPU, nccl on CUDA with one GPU per LOCAL_RANK; --device cpu: gloo on any machine); rank 0 gathers every
 rank's rows (torch.distributed.all_gather_object) and writes the table. One model load per rank and model.
-Outputs of the batch itself: DIR/summary.csv and DIR/summary.json, one row per CSV row in CSV order: name, moving,
+Outputs of the batch itself: DIR/qc.html (every pair's qc.png, outliers first: pipeline.qc_page), DIR/summary.csv
+and DIR/summary.json, one row per CSV row in CSV order: name, moving,
 fixed, labels, status ("done" | "skipped" | "failed"), error, model, backend, device, shape, register_s,
 folding_percent, sd_log_jacobian, max_displacement_voxels, warnings (count). A failed pair (bad input, one-line
 reason) does not stop the others; the command then exits 1.
@@ -43,7 +44,7 @@ __all__ = ["PairRow", "read_pairs_csv", "run_batch", "TABLE_COLUMNS"]
 
 TABLE_COLUMNS = ("name", "moving", "fixed", "labels", "status", "error", "model", "backend", "device", "shape",
                  "register_s", "folding_percent", "sd_log_jacobian", "max_displacement_voxels", "warnings")
-_RESERVED = ("summary.csv", "summary.json")
+_RESERVED = ("summary.csv", "summary.json", "qc.html")
 _NIFTI = (".nii.gz", ".nii")
 
 
@@ -210,8 +211,12 @@ def run_batch(pairs_csv: str | os.PathLike, out: str | os.PathLike, model: str |
             table = [item for part in gathered for item in part]
         result_rows = [r for _, r in sorted(table, key=lambda t: t[0])]
         if info.is_main:
+            from deepsim_rt.pipeline.qc_page import write_batch_page
+
             try:
                 _write_table(out, result_rows)
+                if out.is_dir():  # every pair's qc.png on one page, outliers (folding, low NCC, failed) first
+                    write_batch_page(out, result_rows)
             except OSError as exc:
                 raise ValueError(f"cannot write the summary table in {out}: {exc.strerror or exc}") from exc
         return result_rows

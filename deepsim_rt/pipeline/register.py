@@ -25,19 +25,25 @@ import numpy as np
 
 from deepsim_rt.pipeline.outputs import PairResult, check_out_dir, check_targets, commit_outputs
 from deepsim_rt.pipeline.pair import Pair, default_model, read_pair
-from deepsim_rt.pipeline.write import save_nifti_like, save_nifti_vector, save_npy, save_png
+from deepsim_rt.pipeline.write import gzip_level, save_nifti_like, save_nifti_vector, save_npy, save_png
 from deepsim_rt.refine.config import NO_MODEL
 
-__all__ = ["run_register", "register_pair", "registrator_for", "load_registrator", "output_names"]
+__all__ = ["run_register", "register_pair", "registrator_for", "load_registrator", "output_names", "select_outputs",
+           "OUTPUT_KINDS"]
+
+# `register --outputs`: which files each kind names (summary.json is always written)
+OUTPUT_KINDS = {"warped": ("warped.",), "labels": ("warped_labels.",), "displacement": ("displacement.",),
+                "transform": ("transform_itk.", "affine.mat", "warp.nii.gz"), "jacobian": ("jacobian.",),
+                "picture": ("qc.png",)}
 
 
 # Every file a pair folder can hold, per input format (summary.json apart): what a run does not write is removed
 # from the folder when it overwrites an earlier run (outputs.PairResult.stale).
 _OUTPUTS = {
     "nifti": ("warped.nii.gz", "displacement.nii.gz", "warped_labels.nii.gz", "transform_itk.nii.gz",
-              "affine.mat", "warp.nii.gz", "jacobian.nii.gz"),
-    "png": ("warped.png", "displacement.npy", "warped_labels.png", "jacobian.npy"),
-    "npy": ("warped.npy", "displacement.npy", "warped_labels.npy", "jacobian.npy"),
+              "affine.mat", "warp.nii.gz", "jacobian.nii.gz", "qc.png"),
+    "png": ("warped.png", "displacement.npy", "warped_labels.png", "jacobian.npy", "qc.png"),
+    "npy": ("warped.npy", "displacement.npy", "warped_labels.npy", "jacobian.npy", "qc.png"),
 }
 
 
@@ -45,6 +51,23 @@ def output_names(pair: Pair) -> list[str]:
     """The files a registration of `pair` writes (summary.json last), known before it runs."""
     names = [n for n in _OUTPUTS[pair.moving.format] if pair.labels is not None or "labels" not in n]
     return [*names, "summary.json"]
+
+
+def select_outputs(result: PairResult, outputs: list[str] | tuple[str, ...] | None) -> PairResult:
+    """Keep only the files of the `outputs` kinds (OUTPUT_KINDS; None: all); the others are not written, and a
+    previous run's copies of them are removed on --overwrite (they would not match this summary)."""
+    if outputs is None:
+        return result
+    bad = sorted(set(outputs) - set(OUTPUT_KINDS))
+    if bad or not outputs:
+        raise ValueError(f"--outputs takes a comma-separated list of {', '.join(OUTPUT_KINDS)}, got "
+                         f"{','.join(outputs) or 'nothing'}")
+    prefixes = tuple(p for k in outputs for p in OUTPUT_KINDS[k])
+    dropped = tuple(n for n in result.files if not n.startswith(prefixes))
+    result.files = {n: w for n, w in result.files.items() if n.startswith(prefixes)}
+    result.stale = tuple(dict.fromkeys((*result.stale, *dropped)))
+    result.summary["outputs_written"] = [*result.files, "summary.json"]
+    return result
 
 
 def load_registrator(model: str, backend: str = "auto", device: str = "auto"):
@@ -159,8 +182,17 @@ def register_pair(reg, pair: Pair, affine: str | None = None, label_mode: str | 
     if pair.moving.format == "nifti":
         summary["transforms"] = _transform_files(result, pair, nd, vec, world, u_net, dense)
     # QC holds ~10 copies of the field (Jacobian entries): out of memory there is one line too
-    _guard_memory(lambda: _add_qc(result, reg, pair, profile, seen, u, None if dense else world), f_arr.shape,
-                  "cpu")
+    det = _guard_memory(lambda: _add_qc(result, reg, pair, profile, seen, u, None if dense else world),
+                        f_arr.shape, "cpu")
+    fixed_view, warped_view = f_arr, np.asarray(warped).reshape(f_arr.shape)
+
+    def picture(p: Path) -> None:  # fixed / warped overlay, checkerboard, det J (pipeline.qc_page); NCC -> summary
+        from deepsim_rt.pipeline.qc_page import write_pair_picture
+
+        write_pair_picture(p, fixed_view, warped_view, None if det is None else det.reshape(f_arr.shape),
+                           result.summary)
+
+    result.files["qc.png"] = picture
     result.stale = tuple(n for n in _OUTPUTS[pair.moving.format] if n not in result.files)
     return result
 
@@ -187,7 +219,8 @@ def _transform_files(result: PairResult, pair: Pair, nd: int, vec: np.ndarray, w
     fix = pair.fixed
     if world is None:
         itk_vec = _itk_vectors(pair, nd, vec)
-        result.files["transform_itk.nii.gz"] = lambda p: save_itk_displacement(p, itk_vec, fix.affine, fix.header)
+        result.files["transform_itk.nii.gz"] = lambda p: save_itk_displacement(p, itk_vec, fix.affine, fix.header,
+                                                                                gzip_level())
         chain = ["transform_itk.nii.gz"]
     else:
         w = np.asarray(world, dtype=np.float64)
@@ -200,7 +233,8 @@ def _transform_files(result: PairResult, pair: Pair, nd: int, vec: np.ndarray, w
         chain = ["affine.mat"]
         if dense:
             net_vec = _itk_vectors(pair, nd, np.moveaxis(u_net, 0, -1).astype(np.float32))
-            result.files["warp.nii.gz"] = lambda p: save_itk_displacement(p, net_vec, fix.affine, fix.header)
+            result.files["warp.nii.gz"] = lambda p: save_itk_displacement(p, net_vec, fix.affine, fix.header,
+                                                                          gzip_level())
             chain = ["warp.nii.gz", "affine.mat"]
     return {"ants": chain, "dense_field": dense,
             "command": "antsApplyTransforms -r FIXED -i MOVING " + " ".join(f"-t {c}" for c in chain)}
@@ -223,11 +257,11 @@ def _guard_memory(fn: Callable[[], Any], shape: tuple[int, ...], device: Any) ->
 
 
 def _add_qc(result: PairResult, reg, pair: Pair, profile, seen: dict[str, tuple[np.ndarray, Any]],
-            u: np.ndarray, affine_only: np.ndarray | None = None) -> None:
+            u: np.ndarray, affine_only: np.ndarray | None = None) -> np.ndarray | None:
     """QC (pipeline.qc): training-data warnings on what the network saw (`seen`: role -> (array, affine) in the
     model's axis order), the Jacobian determinant map and figures (on the fixed file's grid) into `result`.
     affine_only: the pre-alignment of a registration without a deformable part: its Jacobian is one number, the
-    determinant of the linear part, and no map is written."""
+    determinant of the linear part, and no map is written. Returns the det J map (None without one)."""
     from deepsim_rt.pipeline import qc
 
     t0 = time.perf_counter()
@@ -240,12 +274,12 @@ def _add_qc(result: PairResult, reg, pair: Pair, profile, seen: dict[str, tuple[
     result.summary["training_profile"] = profile.as_dict()
     if min(u.shape[1:]) < 2:
         warn.append(f"no Jacobian map: a spatial size below 2 in {list(u.shape[1:])}")
-        return
+        return None
     det, stats = qc.displacement_qc(u, pair.fixed.affine, affine_only)
     result.summary["qc"] = stats
     if affine_only is not None:
         result.summary["timings_s"]["qc"] = time.perf_counter() - t0
-        return
+        return None
     fix = pair.fixed
     if fix.format == "nifti":
         result.files["jacobian.nii.gz"] = lambda p: save_nifti_like(p, det.reshape(fix.disk_shape), fix.affine,
@@ -253,6 +287,7 @@ def _add_qc(result: PairResult, reg, pair: Pair, profile, seen: dict[str, tuple[
     else:
         result.files["jacobian.npy"] = lambda p: save_npy(p, det)
     result.summary["timings_s"]["qc"] = time.perf_counter() - t0
+    return det
 
 
 def _image_outputs(pair: Pair, nd: int, warped: np.ndarray, vec: np.ndarray | None,
@@ -286,15 +321,18 @@ def _image_outputs(pair: Pair, nd: int, warped: np.ndarray, vec: np.ndarray | No
 def run_register(moving: str | os.PathLike, fixed: str | os.PathLike, out: str | os.PathLike,
                  labels: str | os.PathLike | None = None, model: str | None = None, backend: str = "auto",
                  device: str = "auto", overwrite: bool = False, affine: str | None = None,
-                 label_mode: str | None = None, refine: Any = None) -> dict[str, Any]:
+                 label_mode: str | None = None, refine: Any = None, outputs: list[str] | None = None
+                 ) -> dict[str, Any]:
     """Register files; returns the pair's summary plus "outputs" (written paths) and "seconds" (registration).
-    affine / label_mode: see `register_pair`.
+    affine / label_mode: see `register_pair`; outputs: the kinds of file to write (`select_outputs`; None: all).
 
     `out` is checked first (an empty name, a file, an unwritable folder, outputs that exist without `overwrite`:
     ValueError before any work). Nothing is written until every input has been read and checked and the
     registration has run; then all outputs appear together (see `outputs.commit_outputs`).
     """
     out_dir = check_out_dir(out)
+    if outputs is not None:
+        select_outputs(PairResult({}, {}), outputs)  # bad names: before any work
     t0 = time.perf_counter()
     pair = read_pair(moving, fixed, labels)
     check_targets(out_dir, output_names(pair), pair.paths, overwrite)
@@ -302,7 +340,7 @@ def run_register(moving: str | os.PathLike, fixed: str | os.PathLike, out: str |
     t0 = time.perf_counter()
     reg = registrator_for(pair, model, backend, device, refine)
     t_load = time.perf_counter() - t0
-    result = register_pair(reg, pair, affine=affine, label_mode=label_mode, refine=refine)
+    result = select_outputs(register_pair(reg, pair, affine=affine, label_mode=label_mode, refine=refine), outputs)
     result.summary["timings_s"].update(read=t_read, load_model=t_load)
     t0 = time.perf_counter()
     written = commit_outputs(out_dir, result, pair.paths, overwrite=overwrite)

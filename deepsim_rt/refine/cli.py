@@ -47,6 +47,8 @@ def add_refine_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentG
                        help=f"{f.metadata['help']} (default: {default})", **kw)
     g.add_argument("--diffeomorphic", action="store_true", default=_field("diffeomorphic").default,
                    help=_field("diffeomorphic").metadata["help"])
+    g.add_argument("--refine-full-resolution", action="store_true", default=False,
+                   help=_field("full_resolution").metadata["help"])
     g.add_argument("--refine-extractor", default=None, metavar="PATH",
                    help="feature extractor .safetensors for deepsim_seg / deepsim_ae (default: the seg / ae "
                         "checkpoint next to the registration model, as the bundled weights)")
@@ -60,6 +62,8 @@ def refine_config_from_args(args: argparse.Namespace) -> RefineConfig | None:
                  if getattr(args, f"refine_{name}", None) != _field(name).default]
         if getattr(args, "diffeomorphic", False):
             extra.append("--diffeomorphic")
+        if getattr(args, "refine_full_resolution", False):
+            extra.append("--refine-full-resolution")
         if getattr(args, "refine_extractor", None):
             extra.append("--refine-extractor")
         if extra:
@@ -67,4 +71,4 @@ def refine_config_from_args(args: argparse.Namespace) -> RefineConfig | None:
         return None
     values = {name: getattr(args, f"refine_{name}") for name in _FLAGS.values()}
     return RefineConfig(iterations=args.refine, diffeomorphic=args.diffeomorphic, extractor=args.refine_extractor,
-                        **values)
+                        full_resolution=getattr(args, "refine_full_resolution", False), **values)

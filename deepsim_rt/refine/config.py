@@ -77,6 +77,9 @@ class RefineConfig:
     compile: bool = field(default=False, metadata=_h("torch.compile the loss of each level (compiles once per "
                                                      "level size)"))
     progress: bool = field(default=True, metadata=_h("progress bar (only when stderr is a terminal)"))
+    full_resolution: bool = field(default=False, metadata=_h("refine at the input's resolution; default: on the "
+                                                             "grid the network ran on (the model's spacing: a 1 mm "
+                                                             "pair refines at 2 mm, 8x fewer voxels)"))
     extractor: Any = field(default=None, metadata={"cli": False, "help": "DeepSim feature extractor: nn.Module "
                                                                         "with extract_features, or a .safetensors"})
 
