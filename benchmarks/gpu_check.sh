@@ -20,7 +20,7 @@
 # Parts, in order of importance, with their time boxes (s): preflight 30 (torch import + the first JIT compile of
 # the 6 kernels; they stay in Triton's cache for the later parts) · mutation analysis 60 (in the background, beside
 # the preflight and the CUDA tests: no time of its own) · CUDA tests 90 · kernels 65 · kernels-compile
-# 55 · train-step 45 · inference 60 · refine 30 · report 15 = 390, + 5 s kill grace each = 430 <= 450. A part also never runs past the global deadline (GPU_CHECK_BUDGET_S, default 450 s from the start).
+# 50 · train-step 45 · inference 60 · refine 30 · graphs 20 · report 15 = 405, + 5 s kill grace each = 450. A part also never runs past the global deadline (GPU_CHECK_BUDGET_S, default 450 s from the start).
 # Each part runs under `timeout -s INT`: pytest stops cleanly on SIGINT and pytest-benchmark still writes the JSON
 # of the benchmarks that finished. A failing part does not stop the others; the preflight does (nothing else
 # could run): it stops the script with one line saying what is missing.
@@ -138,7 +138,7 @@ collect_mutation
 
 # ---- 2. kernels: reference + triton first (the claims), then torch.compile (slow to compile) --------------------
 bench kernels 65 gpu-kernels.json benchmarks/test_kernels.py -k "not compile"
-bench kernels-compile 55 gpu-kernels-compile.json benchmarks/test_kernels.py -k "compile"
+bench kernels-compile 50 gpu-kernels-compile.json benchmarks/test_kernels.py -k "compile"
 
 # ---- 3. training step per loss, reference vs kernels; 4. registration inference per backend ---------------------
 bench train-step 45 gpu-train.json benchmarks/test_train_step.py
@@ -149,7 +149,11 @@ if [ -f benchmarks/test_refine.py ]; then
     bench refine 30 gpu-refine.json benchmarks/test_refine.py
 fi
 
-# ---- 6. report over this run's JSON + the committed results (other machines side by side) ----------------------
+# ---- 6. host launch cost: the inference and one refinement step at 80x96x80, eager vs replayed from a CUDA graph
+# (deepsim_rt.kernels.cuda_graph); figures in the log and in gpu_check.json's record of the part -------------------
+part graphs 20 "$PY" -m benchmarks.launch_cost --cuda-graph --json "$WORK/graphs.result.json"
+
+# ---- 7. report over this run's JSON + the committed results (other machines side by side) ----------------------
 JSONS=()
 for f in "$DEST"/gpu-*.json "$ROOT"/benchmarks/results/*.json; do
     [ -s "$f" ] && JSONS+=("$f")

@@ -28,7 +28,7 @@ from pathlib import Path
 STATUS = {0: "ok", 5: "nothing collected/selected", 124: "TIME BOX HIT", 130: "TIME BOX HIT", 137: "TIME BOX HIT"}
 # Parts whose time-box hit keeps its partial results and is not a failure (benchmarks: the slowest cases come
 # last, so a hit cuts the tail); a hit in the preflight or the CUDA tests leaves correctness unchecked: failure.
-PARTIAL_OK = ("kernels", "kernels-compile", "train-step", "inference", "refine", "report")
+PARTIAL_OK = ("kernels", "kernels-compile", "train-step", "inference", "refine", "graphs", "report")
 
 
 def status_of(name: str, rc: int) -> tuple[str, bool]:
@@ -71,6 +71,11 @@ def record(dest: Path, work: Path, name: str, rc: int, seconds: float, budget: f
     junit = work / f"{name}.xml"
     rec = {"part": name, "rc": rc, "status": what, "failed": failed, "seconds": round(seconds, 1),
            "budget_s": budget, "tests": junit_counts(junit) if junit.exists() else {}}
+    # A script part's figures (e.g. graphs: eager vs CUDA-graph microseconds) ride in its record: the lent machine
+    # sends back 8 files at most, all taken.
+    results = _load(work / f"{name}.result.json", None)
+    if results is not None:
+        rec["results"] = results
     state = _load(dest / "gpu_check.json", {"env": {}, "parts": []})
     env = _load(work / "env.json", None)
     if env is not None:

@@ -13,7 +13,10 @@ TTGIR (layout conversions inside loops); per launch it runs torch's own mutation
 A row fails on: a compile error; > 128 registers per thread (at the launch's num_warps, 128 regs x 128 threads
 leave 4 blocks per SM of 64k registers); any spill in an fp32/bf16/fp16 variant (fp64 variants only serve
 gradcheck); a layout conversion inside a loop of a warp kernel (each goes through shared memory + barriers on the
-atomic path); an input reported as written (torch.compile would clone it before every launch).
+atomic path), or one through shared memory in the cosine backward's channel loop; an input reported as written
+(torch.compile would clone it before every launch), a declared write not reported, a mutation analysis that gave
+up (also under torch 2.11's analyser, emulated, when this triton is 3.6: `--mutation-only`).
+Int64 specialisations (int arguments >= 2**31: batch strides of a 2**31-voxel volume) compile from "meta" tensors.
 
 Shapes: Triton specialises an int argument only on "== 1" and "divisible by 16", so a brain-size volume
 160x192x224 compiles to the same kernel as 16x32x32 (every dim a multiple of 16): the "brain" class uses the small
@@ -43,6 +46,12 @@ import torch
 REG_LIMIT = 128
 NO_SPILL_DTYPES = ("fp32", "bf16", "fp16")
 WARP_KERNELS = ("_warp_fwd_kernel", "_warp_bwd_kernel", "_warp_corners_kernel", "_warp_gather_kernel")
+# Kernels held to "no layout conversion through shared memory inside a loop": the cosine backward, whose channel
+# loop stores the gradients. With channels-last inputs and contiguous gradients its loop converted through shared
+# memory (24 bar.sync in the PTX, triton 3.9 sm_90); with gradients in the inputs' layout the conversions left in
+# the loop map every element to the same thread (register renaming: 0 bar.sync, 0 shfl, 0 B shared memory), so the
+# rule reads the barriers: a loop conversion in a kernel with a bar.sync fails. (The warp kernels: none at all.)
+SMEM_LOOP_CONVERT_KERNELS = ("_cos_bwd_kernel",)
 # Spills accepted after a look at the SASS, (triton, arch, kernel, variant) -> the most spill bytes (stores + loads)
 # tolerated. 3.9/sm_80 1-level cosine backward: ptxas 12.9 stores ONE register to local memory before the channel
 # loop and reloads it after (STL [R1], R16 ... LDL R28), at 48 registers with no register cap: 4 bytes per thread,
@@ -60,6 +69,9 @@ DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "tmp" / "gpu_static
 BRAIN = {3: (16, 32, 32), 2: (32, 32)}
 ODD = {3: (9, 11, 13), 2: (11, 13)}
 ONE = {3: (1, 1, 1), 2: (1, 1)}
+# int64 class (meta tensors, nothing allocated): 2**31 voxels, so strides and voxel counts reach 64-bit arguments.
+INT64_3D = (1024, 1024, 2048)
+INT64_COSINE = (512, 512, 512)
 # DeepSim pyramids at the paper widths (nn/config.py "paper"): channels per level, spatial /1, /2, /4.
 PAPER_C = {3: (32, 64, 128), 2: (64, 128, 256)}
 
@@ -125,6 +137,9 @@ def row_problems(row: dict) -> list[str]:
         probs.append(f"spills {row['spill_stores']} B stored / {row['spill_loads']} B loaded in {row['dtype']}")
     if row["kernel"] in WARP_KERNELS and row.get("loop_converts"):
         probs.append(f"{row['loop_converts']} layout conversions inside a loop")
+    elif row["kernel"] in SMEM_LOOP_CONVERT_KERNELS and row.get("loop_converts") and row.get("bar_sync"):
+        probs.append(f"{row['loop_converts']} layout conversions inside a loop, through shared memory "
+                     f"({row['bar_sync']} bar.sync)")
     if row.get("analysis_error"):
         probs.append(f"mutation analysis gave up and assumed every input written ({row['analysis_error']})")
     elif row.get("inputs_written"):
@@ -146,15 +161,16 @@ class Variant:
     run: Callable[[], list[torch.Tensor]]  # calls launchers; returns the caller's input tensors
 
 
-def _zeros(shape, dtype, channels_last: bool = False) -> torch.Tensor:
-    x = torch.zeros(shape, dtype=dtype)
+def _zeros(shape, dtype, channels_last: bool = False, device: str = "cpu") -> torch.Tensor:
+    # device="meta": no memory, data_ptr() 0 (aligned): the int64 variants' sizes (> 2**31 elements) compile for free.
+    x = torch.zeros(shape, dtype=dtype, device=device)
     if channels_last:
         x = x.to(memory_format=torch.channels_last_3d if len(shape) == 5 else torch.channels_last)
     return x
 
 
 def _pyramid(nd: int, spatial, dtype, B: int = 1, levels: int = 3, channels_last: bool = False,
-             one_voxel: bool = False):
+             one_voxel: bool = False, device: str = "cpu"):
     """`levels` levels, channels from the paper widths (cycled), spatial halved per level (never below 1)."""
     chans = PAPER_C[nd]
     feats = []
@@ -162,7 +178,7 @@ def _pyramid(nd: int, spatial, dtype, B: int = 1, levels: int = 3, channels_last
         sp = tuple(max(1, s >> min(lv, 2)) for s in spatial)
         if one_voxel and lv == levels - 1:
             sp = (1,) * nd
-        feats.append(_zeros((B, chans[lv % len(chans)], *sp), dtype, channels_last))
+        feats.append(_zeros((B, chans[lv % len(chans)], *sp), dtype, channels_last, device))
     return feats
 
 
@@ -171,25 +187,26 @@ def _warp_variants() -> list[Variant]:
 
     vs: list[Variant] = []
 
-    def fwd(name, dt, nd, mode="linear", pad="border", B=2, C=1, spatial=None, img_dtype=None, cl=False):
+    def fwd(name, dt, nd, mode="linear", pad="border", B=2, C=1, spatial=None, img_dtype=None, cl=False, dev="cpu"):
         spatial = spatial or BRAIN[nd]
 
         def run():
-            img = _zeros((B, C, *spatial), img_dtype or DTYPES[dt], cl)
-            flow = _zeros((B, nd, *spatial), DTYPES[dt])
+            img = _zeros((B, C, *spatial), img_dtype or DTYPES[dt], cl, dev)
+            flow = _zeros((B, nd, *spatial), DTYPES[dt], device=dev)
             warp_fwd(img, flow, mode, pad)
             return [img, flow]
 
         vs.append(Variant("warp", f"fwd {nd}D {mode} {pad} {name}".strip(), str(img_dtype or dt).replace(
             "torch.", ""), run))
 
-    def bwd(name, dt, nd, mode="linear", pad="border", need=(True, True), det=False, B=2, C=1, spatial=None):
+    def bwd(name, dt, nd, mode="linear", pad="border", need=(True, True), det=False, B=2, C=1, spatial=None,
+            dev="cpu"):
         spatial = spatial or BRAIN[nd]
 
         def run():
-            img = _zeros((B, C, *spatial), DTYPES[dt])
-            flow = _zeros((B, nd, *spatial), DTYPES[dt])
-            gout = _zeros((B, C, *spatial), DTYPES[dt])
+            img = _zeros((B, C, *spatial), DTYPES[dt], device=dev)
+            flow = _zeros((B, nd, *spatial), DTYPES[dt], device=dev)
+            gout = _zeros((B, C, *spatial), DTYPES[dt], device=dev)
             warp_bwd(gout, img, flow, mode, pad, need_image=need[0], need_flow=need[1], deterministic=det)
             return [gout, img, flow]
 
@@ -226,6 +243,10 @@ def _warp_variants() -> list[Variant]:
     bwd("odd B=1", "fp32", 3, B=1, spatial=ODD[3])
     for dt, nd, mode in (("fp32", 3, "linear"), ("fp32", 2, "linear"), ("fp32", 3, "nearest"), ("bf16", 3, "linear")):
         bwd("", dt, nd, mode, need=(True, False), det=True)
+    # int64 specialisations: a volume of 2**31 voxels makes the batch strides (and N) 64-bit arguments.
+    fwd("int64", "fp32", 3, spatial=INT64_3D, B=1, dev="meta")
+    bwd("int64", "fp32", 3, spatial=INT64_3D, B=1, dev="meta")
+    bwd("int64", "fp32", 3, need=(True, False), det=True, spatial=INT64_3D, B=1, dev="meta")
     return vs
 
 
@@ -234,17 +255,17 @@ def _integrate_variants() -> list[Variant]:
 
     vs = []
 
-    def add(dt, nd, pad="border", B=2, spatial=None, tag=""):
+    def add(dt, nd, pad="border", B=2, spatial=None, tag="", dev="cpu"):
         spatial = spatial or BRAIN[nd]
 
         def run_fwd():
-            v = _zeros((B, nd, *spatial), DTYPES[dt])
+            v = _zeros((B, nd, *spatial), DTYPES[dt], device=dev)
             integrate_fwd(v, 7, pad)
             return [v]
 
         def run_bwd():
-            v = _zeros((B, nd, *spatial), DTYPES[dt])
-            g = _zeros((B, nd, *spatial), DTYPES[dt])
+            v = _zeros((B, nd, *spatial), DTYPES[dt], device=dev)
+            g = _zeros((B, nd, *spatial), DTYPES[dt], device=dev)
             integrate_bwd(g, v, 7, pad)
             return [g, v]
 
@@ -257,6 +278,7 @@ def _integrate_variants() -> list[Variant]:
     add("bf16", 2)
     add("fp32", 3, "zeros")
     add("fp32", 3, B=1, spatial=ODD[3], tag="odd B=1")
+    add("fp32", 3, B=1, spatial=INT64_3D, tag="int64", dev="meta")
     return vs
 
 
@@ -266,24 +288,24 @@ def _cosine_variants() -> list[Variant]:
     vs = []
 
     def add(name, dt, nd=3, levels=3, B=2, spatial=None, cl=False, one_voxel=False, bwd_needs=((True, True),),
-            maps=False):
+            maps=False, dev="cpu"):
         spatial = spatial or BRAIN[nd]
         reduction = "none" if maps else "mean"
 
         def run_fwd():
-            fa = _pyramid(nd, spatial, DTYPES[dt], B, levels, cl, one_voxel)
-            fb = _pyramid(nd, spatial, DTYPES[dt], B, levels, cl, one_voxel)
+            fa = _pyramid(nd, spatial, DTYPES[dt], B, levels, cl, one_voxel, dev)
+            fb = _pyramid(nd, spatial, DTYPES[dt], B, levels, cl, one_voxel, dev)
             cosine_fwd(fa, fb, reduction=reduction)
             return fa + fb
 
         vs.append(Variant("cosine", f"fwd {nd}D L={levels} {reduction} {name}".strip(), dt, run_fwd))
         for need in bwd_needs:
             def run_bwd(need=need):
-                fa = _pyramid(nd, spatial, DTYPES[dt], B, levels, cl, one_voxel)
-                fb = _pyramid(nd, spatial, DTYPES[dt], B, levels, cl, one_voxel)
+                fa = _pyramid(nd, spatial, DTYPES[dt], B, levels, cl, one_voxel, dev)
+                fb = _pyramid(nd, spatial, DTYPES[dt], B, levels, cl, one_voxel, dev)
                 acc = torch.float64 if dt == "fp64" else torch.float32
-                grad = ([torch.zeros((f.shape[0], *f.shape[2:]), dtype=acc) for f in fa] if maps
-                        else torch.zeros((), dtype=acc))
+                grad = ([torch.zeros((f.shape[0], *f.shape[2:]), dtype=acc, device=dev) for f in fa] if maps
+                        else torch.zeros((), dtype=acc, device=dev))
                 cosine_bwd(fa, fb, grad, reduction=reduction, need_a=need[0], need_b=need[1])
                 return fa + fb + (grad if maps else [grad])
 
@@ -299,6 +321,9 @@ def _cosine_variants() -> list[Variant]:
     for levels in (1, 8, 9):  # 9 = a launch of 8 levels + a launch of 1
         add("", "fp32", levels=levels)
     add("channels-last", "fp32", cl=True)
+    add("channels-last", "bf16", cl=True, bwd_needs=((True, False),))
+    # int64: a first level of 32 x 512^3 puts the batch stride at 2**32 (a 64-bit argument).
+    add("int64", "fp32", B=1, spatial=INT64_COSINE, dev="meta", bwd_needs=((True, False),))
     add("odd B=1", "fp32", B=1, spatial=ODD[3])
     add("1-voxel level B=1", "fp32", B=1, one_voxel=True)
     add("", "fp32", nd=2)
@@ -311,8 +336,10 @@ def all_variants() -> list[Variant]:
 
 def on_every_target(v: Variant) -> bool:
     """Variants compiled for every target; the others (fp16/fp64, 8/9-level pyramids: the same per-level code as
-    3 levels) only for the first one (sm_90, the GPU machines'), to keep the CI gate within 3 min on 2 cores."""
-    return v.dtype not in ("fp16", "fp64") and "L=8" not in v.name and "L=9" not in v.name
+    3 levels; the int64 specialisations) only for the first one (sm_90, the GPU machines'), to keep the CI gate
+    within 3 min on 2 cores."""
+    return (v.dtype not in ("fp16", "fp64") and "L=8" not in v.name and "L=9" not in v.name
+            and "int64" not in v.name)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -75,6 +75,16 @@ def test_record_folds_each_part_into_one_json_and_one_junit(tmp_path):
     assert sorted(p.name for p in dest.iterdir()) == ["gpu_check.json", "gpu_check.xml"]  # temp files renamed
 
 
+def test_a_script_part_s_figures_ride_in_its_record(tmp_path):
+    dest, work = tmp_path / "out", tmp_path / "work"
+    work.mkdir()
+    (work / "graphs.result.json").write_text(json.dumps({"inference_eager_us": 310.0, "inference_graph_us": 41.0}))
+    rec = P.record(dest, work, "graphs", 0, 4.0, 20)
+    assert rec["results"] == {"inference_eager_us": 310.0, "inference_graph_us": 41.0} and not rec["failed"]
+    assert P.status_of("graphs", 5) == ("nothing collected/selected", False)  # skipped without CUDA
+    assert "results" not in P.record(dest, work, "report", 0, 1.0, 15)
+
+
 def test_preflight_stops_with_one_line_without_cuda_and_without_the_cpu_flag(tmp_path):
     pytest.importorskip("triton")
     if os.environ.get("TRITON_INTERPRET") != "1":
@@ -108,9 +118,8 @@ def _check_run(r, out):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
     state = json.loads((out / "gpu_check.json").read_text())
     parts = {p["part"]: p for p in state["parts"]}
-    want = ["preflight", "tests", "mutation", "kernels", "kernels-compile", "train-step", "inference", "report"]
-    if (REPO / "benchmarks" / "test_refine.py").exists():
-        want.insert(-1, "refine")
+    want = ["preflight", "tests", "mutation", "kernels", "kernels-compile", "train-step", "inference",
+            *(["refine"] if (REPO / "benchmarks" / "test_refine.py").exists() else []), "graphs", "report"]
     assert list(parts) == want
     assert not [p for p in parts.values() if p["failed"]], parts
     assert parts["tests"]["tests"].get("errors") == 0  # no collection error: nothing imports a hidden package

@@ -100,6 +100,12 @@ def test_rules_that_depend_on_dtype_and_kernel():
     assert row_problems(_row(dtype="fp64", regs=200)) != []
     # Layout conversions are a rule for the warp kernels (atomics); the cosine kernels' final reduction needs some.
     assert row_problems(_row(kernel="_cos_fwd_kernel", family="cosine", loop_converts=3)) == []
+    # The cosine backward: loop conversions through shared memory fail (channels-last inputs with contiguous
+    # gradients: 24 bar.sync), register-only ones (no barrier in the kernel) pass.
+    bwd = _row(kernel="_cos_bwd_kernel", family="cosine", loop_converts=18)
+    assert row_problems({**bwd, "bar_sync": 24}) == ["18 layout conversions inside a loop, through shared memory "
+                                                     "(24 bar.sync)"]
+    assert row_problems({**bwd, "bar_sync": 0}) == []
 
 
 def test_an_accepted_spill_passes_up_to_its_bytes_only():

@@ -268,3 +268,20 @@ def test_levels_with_the_most_channels_are_scheduled_first():
     feats = [torch.zeros(1, c, 2, 2) for c in (16, 32, 64, 128, 8, 8, 32, 64, 128)]
     levels = [cosine._flat_level(f, f) for f in feats]
     assert cosine._schedule(levels) == [[3, 8, 2, 7, 1, 6, 0, 4], [5]]
+
+
+def test_gradients_keep_a_dense_input_s_layout_and_are_stored_where_loaded():
+    """The backward stores each gradient at the offsets it loaded the inputs from (no layout conversion through
+    shared memory for channels-last inputs), so a dense input's gradient has its strides; a channel slice (read in
+    place, not dense) gets a contiguous gradient from contiguous copies. Values against float64 autograd."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 5, 3, 4, 6, generator=g)
+    y = 0.5 * x + torch.randn(2, 5, 3, 4, 6, generator=g)
+    for kind, want_strides in ((1, _layout(x, 1).stride()), (0, x.stride()), (3, x.contiguous().stride())):
+        a, b = _layout(x, kind), _layout(y, kind)
+        ga, gb = cosine.cosine_bwd([a], [b], torch.ones(()), reduction="mean")
+        assert ga[0].stride() == want_strides and gb[0].stride() == want_strides, kind
+        xa, xb = x.double().requires_grad_(), y.double().requires_grad_()
+        R.multilayer_cosine([xa], [xb]).backward()
+        torch.testing.assert_close(ga[0].double(), xa.grad, rtol=0, atol=1e-6)
+        torch.testing.assert_close(gb[0].double(), xb.grad, rtol=0, atol=1e-6)

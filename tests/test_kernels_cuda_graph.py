@@ -130,3 +130,35 @@ def test_a_zero_argument_step_is_captured_on_its_device_only():
     eager = GraphedCallable(step, backend=be)  # no device given: eager
     eager()
     assert not eager.captured and torch.equal(p, torch.full((3,), 5.0))
+
+
+@pytest.mark.gpu
+def test_a_captured_registration_replays_the_eager_result_on_cuda():
+    """The inference (integrate 7 steps + warp) and a DeepSim loss + gradient through the public ops, captured and
+    replayed with new inputs: the same numbers as eager (the kernels are deterministic except the warp's atomics,
+    which the flow-only gradient does not use)."""
+    import deepsim_rt.kernels as K
+
+    g = torch.Generator().manual_seed(0)
+    img = torch.rand(1, 1, 16, 20, 24, generator=g).cuda()
+    feats = [torch.randn(1, c, 8, 10, 12, generator=g).cuda() for c in (4, 8)]
+
+    def infer(v):
+        return K.warp(img, K.integrate(v, 7))
+
+    def loss_grad(f0):
+        f = f0.detach().requires_grad_(True)
+        loss = 1.0 - K.multilayer_cosine([f, feats[1]], [feats[0].flip(-1), feats[1]])
+        loss.backward()
+        return loss.detach(), f.grad
+
+    for fn, make in ((infer, lambda: torch.randn(1, 3, 16, 20, 24, generator=g).cuda()),
+                     (loss_grad, lambda: torch.randn(1, 4, 8, 10, 12, generator=g).cuda())):
+        graphed = GraphedCallable(fn, clone=True)
+        for _ in range(3):
+            x = make()
+            got, want = graphed(x), fn(x)
+            for a, b in zip(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,),
+                            strict=True):
+                torch.testing.assert_close(a, b, rtol=0, atol=0)
+        assert graphed.captured and graphed.replays == 3

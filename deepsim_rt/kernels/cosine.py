@@ -10,7 +10,8 @@ Design
   BLOCK_C chunks (one read of each feature map).
 - How the kernel reaches L different tensors: every level is passed as its own pointer + scalar arguments
   (a0, b0, ..., a7, b7; up to MAX_LEVELS = 8 per launch, more levels are chunked into further launches that write
-  to the same partial-sum buffer). We chose this over the two alternatives:
+  to the same partial-sum buffer). The slots a launch does not use, and the pointers its constexprs prune, are
+  passed as None (constexpr None: compiled away, next to nothing to bind). We chose this over the two alternatives:
     * an int64 table of data_ptr()s cast with tl.pointer_type: calls data_ptr() on the host, which fake tensors
       refuse, so torch.compile / torch.export could not trace the triton_op body; it also needs a host->device copy
       of the table on every call (a synchronous cudaMemcpy from pageable memory, ~10 us);
@@ -49,6 +50,7 @@ from deepsim_rt.kernels.reference import DEFAULT_EPS, check_cosine_inputs
 __all__ = ["cosine_fwd", "cosine_bwd", "MultilayerCosineFunction", "multilayer_cosine", "MAX_LEVELS"]
 
 MAX_LEVELS = 8
+_FWD_SLOT, _BWD_SLOT = 10, 12  # arguments per level slot of _cos_fwd_kernel / _cos_bwd_kernel
 # 256 voxels x 4 channels = a 1024-element tile per load: 8 elements per thread with 4 warps, enough loads in
 # flight to stream at bandwidth, and a few hundred programs even at the coarsest level of a 3D brain
 # (20x24x28 = 13k voxels -> 53 programs per batch item). Untuned on a GPU yet (the benchmark sweep is to come).
@@ -82,16 +84,23 @@ def _cos_stats(a_ptr, b_ptr, C, sC, base, offs_p, pmask, sP, ACC: tl.constexpr, 
     na2 = tl.zeros((BLOCK_C, BLOCK_P), dtype=ACC)
     nb2 = tl.zeros((BLOCK_C, BLOCK_P), dtype=ACC)
     # int64 voxel offsets: with channels-last strides (sP = C) a 3D brain level reaches 7e6 x 64 > 2**31 / 8.
-    poff = offs_p.to(tl.int64) * sP
+    offs_c = tl.arange(0, BLOCK_C)
+    off = base + offs_c[:, None].to(tl.int64) * sC + offs_p[None, :].to(tl.int64) * sP
+    pa = a_ptr + off
+    pb = b_ptr + off
+    step = tl.cast(sC, tl.int64) * BLOCK_C  # int64: sC is N for contiguous inputs (tl.cast: sC may be constexpr 1)
     for c0 in range(0, C, BLOCK_C):
-        offs_c = c0 + tl.arange(0, BLOCK_C)
-        m = (offs_c[:, None] < C) & pmask[None, :]
-        off = base + offs_c[:, None].to(tl.int64) * sC + poff[None, :]
-        a = tl.load(a_ptr + off, mask=m, other=0.0).to(ACC)
-        b = tl.load(b_ptr + off, mask=m, other=0.0).to(ACC)
+        # The pointers advance by one channel block per step (loop-carried, in the loads' own layout): rebuilt from
+        # the channel index each step they were laid out along the voxels and converted to the loads' layout
+        # inside the loop for channels-last inputs (2 conversions per step; triton 3.9, sm_90).
+        m = (offs_c[:, None] < C - c0) & pmask[None, :]
+        a = tl.load(pa, mask=m, other=0.0).to(ACC)
+        b = tl.load(pb, mask=m, other=0.0).to(ACC)
         dot += a * b
         na2 += a * a
         nb2 += b * b
+        pa += step
+        pb += step
     return tl.sum(dot, axis=0), tl.sum(na2, axis=0), tl.sum(nb2, axis=0)
 
 
@@ -200,22 +209,23 @@ def _cos_bwd_level(a_ptr, b_ptr, ga_ptr, gb_ptr, gm_ptr, C, N, sB, sC, sP, tot, 
     cross = g * ra * rb
     self_a = tl.where(na2 >= eps, g * cos * ra * ra, 0.0)
     self_b = tl.where(nb2 >= eps, g * cos * rb * rb, 0.0)
-    poff = offs_p.to(tl.int64) * sP
-    # Gradients are written contiguous (B, C, N).
-    gbase = bi.to(tl.int64) * C * N
+    # Gradients have the inputs' strides (the launcher allocates them so), so they are stored at the offsets the
+    # inputs were loaded from, in the same register layout: with channels-last inputs, contiguous (B, C, N)
+    # gradients forced layout conversions (shared memory + barriers) in every channel step (triton 3.9, sm_90).
+    offs_c = tl.arange(0, BLOCK_C)
+    off = base + offs_c[:, None].to(tl.int64) * sC + offs_p[None, :].to(tl.int64) * sP
+    step = tl.cast(sC, tl.int64) * BLOCK_C
     for c0 in range(0, C, BLOCK_C):
-        offs_c = c0 + tl.arange(0, BLOCK_C)
-        m = (offs_c[:, None] < C) & pmask[None, :]
-        off = base + offs_c[:, None].to(tl.int64) * sC + poff[None, :]
-        goff = gbase + offs_c[:, None].to(tl.int64) * N + offs_p[None, :]
+        m = (offs_c[:, None] < C - c0) & pmask[None, :]
         a = tl.load(a_ptr + off, mask=m, other=0.0).to(ACC)
         b = tl.load(b_ptr + off, mask=m, other=0.0).to(ACC)
         if NEED_A:
             ga = cross[None, :] * b - self_a[None, :] * a
-            tl.store(ga_ptr + goff, cast_out(ga, ga_ptr.dtype.element_ty, EMULATE_RTNE), mask=m)
+            tl.store(ga_ptr + off, cast_out(ga, ga_ptr.dtype.element_ty, EMULATE_RTNE), mask=m)
         if NEED_B:
             gb = cross[None, :] * a - self_b[None, :] * b
-            tl.store(gb_ptr + goff, cast_out(gb, gb_ptr.dtype.element_ty, EMULATE_RTNE), mask=m)
+            tl.store(gb_ptr + off, cast_out(gb, gb_ptr.dtype.element_ty, EMULATE_RTNE), mask=m)
+        off += step
 
 
 @triton.jit
@@ -285,13 +295,36 @@ def _flat_level(fa: torch.Tensor, fb: torch.Tensor):
     B, C = fa.shape[0], fa.shape[1]
     N = math.prod(fa.shape[2:])
     va, vb = fa.flatten(2), fb.flatten(2)
-
-    def strides(v):  # a size-1 dim's stride never matters: normalise it so layouts compare equal
-        return tuple(0 if n == 1 else s for n, s in zip(v.shape, v.stride(), strict=True))
-
-    if strides(va) != strides(vb):
+    if _strides(va) != _strides(vb):
         va, vb = va.contiguous(), vb.contiguous()
-    return va, vb, B, C, N, strides(va)
+    return va, vb, B, C, N, _strides(va)
+
+
+def _strides(v: torch.Tensor) -> tuple[int, ...]:
+    # A size-1 dim's stride never matters: normalise it so layouts compare equal.
+    return tuple(0 if n == 1 else s for n, s in zip(v.shape, v.stride(), strict=True))
+
+
+def _grad_buffers(feats: Sequence[torch.Tensor], levels: list) -> list[torch.Tensor]:
+    """Empty gradients, one per level, each with the flattened strides of the level's (B, C, N) view, because the
+    backward kernel stores at the offsets it loaded from. Dense inputs (contiguous, channels-last) get gradients in
+    their own layout; a level read in place from a non-dense view (a channel slice) is switched to contiguous
+    copies here (rare), so that a contiguous gradient matches it. Mutates `levels` for those."""
+    grads = []
+    for i, f in enumerate(feats):
+        va, vb, B, C, N, st = levels[i]
+        g = torch.empty_like(f)  # preserve_format: a dense f keeps its strides
+        try:
+            gv = g.view(B, C, N)
+        except RuntimeError:  # spatial dims that do not merge (a transposed view): the level was copied anyway
+            gv = None
+        if gv is None or _strides(gv) != st:
+            g = torch.empty(f.shape, device=f.device, dtype=f.dtype)
+            gv = g.view(B, C, N)
+            if _strides(gv) != st:
+                levels[i] = (va.contiguous(), vb.contiguous(), B, C, N, _strides(gv))
+        grads.append(g)
+    return grads
 
 
 def _check_eps(eps: float) -> float:
@@ -337,18 +370,19 @@ def cosine_fwd(feats_a: Sequence[torch.Tensor], feats_b: Sequence[torch.Tensor],
     maps = [torch.empty((fa.shape[0], *fa.shape[2:]), device=device, dtype=acc_dtype(fa.dtype))
             for fa in feats_a] if write_map else None
     part = torch.empty(0 if write_map else sum(nprog), device=device, dtype=acc)
-    # Pointer arguments a launch never touches (constexpr-pruned) get a 0-element placeholder rather than an input,
-    # so wrap_triton's mutation analysis can never mistake an input for an output.
-    dummy = torch.empty(0, device=device, dtype=acc)
     start = 0
     for chunk in _schedule(levels):
         args = []
         stop = 0
-        for i in range(MAX_LEVELS):
-            lvl = chunk[i] if i < len(chunk) else chunk[0]  # unused slots: pruned by NUM_LEVELS, any tensor will do
-            va, vb, _, C, N, (sB, sC, sP) = levels[lvl]
-            stop = stop + nprog[lvl] if i < len(chunk) else stop
-            args += [va, vb, maps[lvl] if write_map else dummy, C, N, sB, sC, sP, stop, levels[lvl][2] * N]
+        for lvl in chunk:
+            va, vb, B, C, N, (sB, sC, sP) = levels[lvl]
+            stop += nprog[lvl]
+            # A pointer the launch never touches (WRITE_MAP pruned) is None: nothing to bind, and no tensor that
+            # torch's mutation analysis could take for an output.
+            args += [va, vb, maps[lvl] if write_map else None, C, N, sB, sC, sP, stop, B * N]
+        # Unused slots (pruned by NUM_LEVELS): None, i.e. constexpr None for Triton. Binding ~100 arguments cost
+        # ~33 us per launch (triton 3.6, benchmarks/launch_cost.py); None ones cost next to nothing.
+        args += [None] * (_FWD_SLOT * (MAX_LEVELS - len(chunk)))
         launch(_cos_fwd_kernel, (stop,), *args, part, start, eps, n_levels,
                NUM_LEVELS=len(chunk), WRITE_MAP=write_map, ACC=tl.float64 if acc == torch.float64 else tl.float32,
                BLOCK_C=BLOCK_C, BLOCK_P=BLOCK_P)
@@ -365,7 +399,8 @@ def cosine_bwd(feats_a: Sequence[torch.Tensor], feats_b: Sequence[torch.Tensor],
                reduction: str = "mean", need_a: bool = True, need_b: bool = True,
                ) -> tuple[list[torch.Tensor] | None, list[torch.Tensor] | None]:
     """Backward launcher: upstream grad (0-dim for "mean", L maps (B, *S_l) for "none"; None = zeros) ->
-    (grads of feats_a or None, grads of feats_b or None), each level contiguous in its input's dtype.
+    (grads of feats_a or None, grads of feats_b or None), each level in its input's dtype and, for dense inputs,
+    its layout (channels-last in, channels-last out; other views: contiguous).
     One launch per 8 levels computes both gradients from one recomputation of the norms.
     """
     levels, acc, eps = _prepare(feats_a, feats_b, reduction, eps)
@@ -384,26 +419,26 @@ def cosine_bwd(feats_a: Sequence[torch.Tensor], feats_b: Sequence[torch.Tensor],
             elif tuple(g.shape) != want:
                 raise ValueError(f"grad map must have shape {want}, got {tuple(g.shape)}")
             gmaps.append(g.contiguous())  # autograd hands expanded (stride-0) grads for sums
-        gscalar = torch.empty(0, device=device, dtype=acc)  # never read: GRAD_MAP is True
+        gscalar = None  # never read: GRAD_MAP is True
     else:
         if not isinstance(grad, torch.Tensor) or grad.numel() != 1:
             raise ValueError(f"reduction='mean' needs a 1-element grad, got {grad!r:.80}")
         gscalar = grad.reshape(())
-        gmaps = [torch.empty(0, device=device, dtype=acc)] * n_levels  # never read: GRAD_MAP is False
-    grads_a = [torch.empty(fa.shape, device=device, dtype=fa.dtype) for fa in feats_a] if need_a else None
-    grads_b = [torch.empty(fb.shape, device=device, dtype=fb.dtype) for fb in feats_b] if need_b else None
+        gmaps = None  # never read: GRAD_MAP is False
     if not (need_a or need_b):
         return None, None
+    grads_a = _grad_buffers(feats_a, levels) if need_a else None
+    grads_b = _grad_buffers(feats_b, levels) if need_b else None
     for chunk in _schedule(levels):
         args = []
         stop = 0
-        for i in range(MAX_LEVELS):
-            lvl = chunk[i] if i < len(chunk) else chunk[0]
+        for lvl in chunk:
             va, vb, B, C, N, (sB, sC, sP) = levels[lvl]
-            stop = stop + B * cdiv(N, BLOCK_P) if i < len(chunk) else stop
-            ga = grads_a[lvl] if need_a else gmaps[0]  # placeholders are never written (NEED_* pruned)
-            gb = grads_b[lvl] if need_b else gmaps[0]
-            args += [va, vb, ga, gb, gmaps[lvl], C, N, sB, sC, sP, stop, B * N]
+            stop += B * cdiv(N, BLOCK_P)
+            # None for what the constexprs prune (NEED_A / NEED_B / GRAD_MAP) and for the unused slots below.
+            args += [va, vb, grads_a[lvl] if need_a else None, grads_b[lvl] if need_b else None,
+                     gmaps[lvl] if grad_map else None, C, N, sB, sC, sP, stop, B * N]
+        args += [None] * (_BWD_SLOT * (MAX_LEVELS - len(chunk)))
         launch(_cos_bwd_kernel, (stop,), *args, gscalar, eps, n_levels,
                NUM_LEVELS=len(chunk), NEED_A=need_a, NEED_B=need_b, GRAD_MAP=grad_map,
                ACC=tl.float64 if acc == torch.float64 else tl.float32, BLOCK_C=BLOCK_C, BLOCK_P=BLOCK_P,

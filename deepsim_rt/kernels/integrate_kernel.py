@@ -20,18 +20,20 @@ import torch
 
 from deepsim_rt.kernels._triton_common import acc_dtype, check_launch_device
 from deepsim_rt.kernels.reference import DEFAULT_STEPS, check_integrate_inputs
-from deepsim_rt.kernels.warp_kernel import warp_fwd, warp_self_bwd
+from deepsim_rt.kernels.warp_kernel import _launch_fwd, _launch_self_bwd
 
 __all__ = ["integrate_fwd", "integrate_bwd", "IntegrateFunction", "integrate", "check_integrate_inputs"]
 
 
 def _trajectory(velocity: torch.Tensor, steps: int, padding: str, keep: bool):
+    # Checked by the callers (check_integrate_inputs): every step launches unchecked.
+    nsp = velocity.dim() - 2
     u = velocity / (2.0**steps)
     kept = []
     for _ in range(steps):
         if keep:
             kept.append(u)
-        u = warp_fwd(u, u, "linear", padding, add_self=True)
+        u = _launch_fwd(u, u, nsp, "linear", padding, add_self=True)
     return u, kept
 
 
@@ -54,7 +56,7 @@ def integrate_bwd(grad: torch.Tensor, velocity: torch.Tensor, steps: int = DEFAU
     # warp_self_bwd returns it in that dtype, one launch and one zero-filled buffer per step.
     g = grad
     for u in reversed(us):
-        g = warp_self_bwd(g, u, padding)
+        g = _launch_self_bwd(g, u, velocity.dim() - 2, padding)
     return (g.to(acc_dtype(velocity.dtype)) / (2.0**steps)).to(velocity.dtype)
 
 

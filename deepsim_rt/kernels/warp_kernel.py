@@ -394,7 +394,13 @@ def warp_fwd(image: torch.Tensor, flow: torch.Tensor, mode: str = "linear", padd
     add_self=True returns image + warp(image, flow) (the scaling-and-squaring step, with image = flow).
     Integer images (nearest only) are copied bit-exactly in their dtype.
     """
-    nsp = _check(image, flow, mode, padding)
+    return _launch_fwd(image, flow, _check(image, flow, mode, padding), mode, padding, add_self)
+
+
+def _launch_fwd(image: torch.Tensor, flow: torch.Tensor, nsp: int, mode: str, padding: str,
+                add_self: bool) -> torch.Tensor:
+    """warp_fwd after its checks (the integration loop checks once, then launches 7 times: ~10 us of checks saved
+    per step, benchmarks/launch_cost.py)."""
     D, H, W = _spatial(image, nsp)
     B, C = image.shape[:2]
     src = image.view(torch.uint8) if image.dtype == torch.bool else image
@@ -448,6 +454,11 @@ def warp_self_bwd(grad: torch.Tensor, u: torch.Tensor, padding: str = "border") 
     nsp = _check(u, u, "linear", padding)
     if tuple(grad.shape) != tuple(u.shape):
         raise ValueError(f"grad must have the field's shape {tuple(u.shape)}, got {tuple(grad.shape)}")
+    return _launch_self_bwd(grad, u, nsp, padding)
+
+
+def _launch_self_bwd(grad: torch.Tensor, u: torch.Tensor, nsp: int, padding: str) -> torch.Tensor:
+    """warp_self_bwd after its checks (the integration's backward checks once for its 7 steps)."""
     out = torch.zeros(u.shape, device=u.device, dtype=acc_dtype(u.dtype))
     _launch_bwd(grad.contiguous(), u, u, out, None, nsp, "linear", padding, self_step=True)
     return out
