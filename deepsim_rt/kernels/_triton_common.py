@@ -6,8 +6,6 @@ machine without Triton still imports `deepsim_rt.kernels` and runs the reference
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
@@ -58,8 +56,12 @@ def launch(kernel, grid, *args, **kwargs) -> None:
         runner = kernel
     device = launch_device(args)
     # Triton launches on the CURRENT device and stream: a tensor on cuda:1 while cuda:0 is current would be read
-    # by a kernel running on cuda:0 (an illegal address, or silently wrong with peer access).
-    with torch.cuda.device(device) if device is not None else contextlib.nullcontext():
+    # by a kernel running on cuda:0 (an illegal address, or silently wrong with peer access). The guard is entered
+    # only when needed: it costs two device switches per launch, and a refinement step launches 26 kernels.
+    if device is not None and device.index != torch.cuda.current_device():
+        with torch.cuda.device(device):
+            runner[grid](*args, **kwargs)
+    else:
         runner[grid](*args, **kwargs)
 
 
