@@ -81,7 +81,8 @@ def _cmd(args: argparse.Namespace) -> int:
     with gzip_level_set(COMPRESS_LEVELS[args.compress]):
         info = run_register(args.moving, args.fixed, args.out, labels=args.labels, model=args.model,
                             backend=args.backend, device=args.device, overwrite=args.overwrite, affine=args.affine,
-                            label_mode=args.label_mode, refine=refine_config_from_args(args), outputs=outputs)
+                            label_mode=args.label_mode, refine=refine_config_from_args(args), outputs=outputs,
+                            fixed_mask=args.fixed_mask, moving_mask=args.moving_mask)
     print(f"registered {args.moving} -> {args.fixed} ({'x'.join(map(str, info['shape']))}) with {info['model']} "
           f"on {info['backend']} ({info['device']}) in {info['seconds'] * 1000:.1f} ms; max |u| = "
           f"{info['max_displacement_voxels']:.2f} voxels")
@@ -99,8 +100,8 @@ def _batch_cmd(args: argparse.Namespace, refine: Any) -> int:
         raise ValueError("--pairs takes moving, fixed and labels from the CSV; drop --moving / --fixed / --labels")
     from deepsim_rt.pipeline.write import COMPRESS_LEVELS, gzip_level_set
 
-    if args.outputs is not None:
-        raise ValueError("--outputs applies to one pair (--moving / --fixed); a batch writes every output")
+    if args.outputs is not None or args.fixed_mask is not None or args.moving_mask is not None:
+        raise ValueError("--outputs, --fixed-mask and --moving-mask apply to one pair (--moving / --fixed)")
     with gzip_level_set(COMPRESS_LEVELS[args.compress]):
         rows = run_batch(args.pairs, args.out, model=args.model, backend=args.backend, device=args.device,
                          overwrite=args.overwrite, pair_options={"affine": args.affine, "label_mode": args.label_mode,
@@ -132,6 +133,13 @@ def add_subcommands(subparsers) -> None:
                         "summary.json tabulate them (deepsim_rt.pipeline.batch)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--labels", default=None, help="label map of the moving image (warped with --label-mode)")
+    p.add_argument("--fixed-mask", default=None, metavar="NIFTI",
+                   help="brain mask of the fixed image (non-zero = inside; NIfTI, any grid): restricts the QC "
+                        "statistics and the --refine similarity to it (with --moving-mask: their union); "
+                        "summary.json \"masks\" says what was used (default: none)")
+    p.add_argument("--moving-mask", default=None, metavar="NIFTI",
+                   help="brain mask of the moving image (NIfTI, any grid), put on the fixed grid through the "
+                        "affines and the pre-alignment (default: none)")
     p.add_argument("--label-mode", default=None, choices=("generic", "nearest"),
                    help="label warping: generic (ANTs genericLabel: each label's indicator linearly, arg-max) or "
                         "nearest (default: generic)")

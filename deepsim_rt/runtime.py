@@ -363,7 +363,7 @@ class Registrator:
 
     # -- the call -------------------------------------------------------------------------------------------------
     def register(self, moving: Any, fixed: Any, moving_labels: Any = None, refine: Any = None,
-                 spacing: Any = None, label_mode: str = DEFAULT_LABEL_MODE) -> RegistrationResult:
+                 spacing: Any = None, label_mode: str = DEFAULT_LABEL_MODE, mask: Any = None) -> RegistrationResult:
         """Register `moving` onto `fixed`; see the module docstring for accepted forms and what happens around
         the network. moving, fixed: same form and shape; moving_labels: like moving with one channel.
         spacing: the inputs' voxel spacing in mm (one number, or one per spatial axis in tensor order); with it,
@@ -371,7 +371,9 @@ class Registrator:
         `network_displacement`); None (arrays without a grid) runs it on the input grid as given.
         label_mode: "generic" (ANTs genericLabel: per-label linear indicators, arg-max) or "nearest".
         refine: a deepsim_rt.refine.RefineConfig to refine the network's displacement per pair (instance
-        optimisation on the normalised, unpadded images), None = the network alone."""
+        optimisation on the normalised, unpadded images), None = the network alone.
+        mask: with refine, a mask on the fixed grid (like fixed with one channel; non-zero = inside, e.g. the brain):
+        the refinement's similarity counts the voxels inside only. None: every voxel."""
         cfg = self.cfg
         nd, ch = cfg.ndim, cfg.in_channels
         m_t, m_np = _to_tensor("moving", moving)
@@ -402,6 +404,16 @@ class Registrator:
                 labels_b = labels_b.to(torch.int64)
             labels_b = labels_b.to(self.device)
 
+        mask_b = None
+        if mask is not None:
+            if refine is None:
+                raise ValueError("mask restricts the refinement's similarity: give refine=RefineConfig(...) with it")
+            k_t, _ = _to_tensor("mask", mask)
+            mask_b, k_added = as_batch("mask", k_t, nd, 1)
+            if mask_b.shape[0] != f_b.shape[0] or mask_b.shape[2:] != f_b.shape[2:] or k_added != f_added:
+                raise ValueError(f"mask must be shaped like fixed with one channel: fixed {tuple(f_t.shape)}, mask "
+                                 f"{tuple(k_t.shape)}")
+            mask_b = (mask_b != 0).to(self.device, torch.float32)
         mov_n, lo, scale = minmax_normalize(m_b)
         fix_n, _, f_scale = minmax_normalize(f_b)
         for name, x, s in (("moving", m_b, scale), ("fixed", f_b, f_scale)):
@@ -412,7 +424,7 @@ class Registrator:
         check_choice("label_mode", label_mode, LABEL_MODES)
         if refine is not None and not isinstance(refine, RefineConfig):
             raise ValueError(f"refine must be a RefineConfig or None, got {type(refine).__name__}")
-        warped_n, disp, scale_facts = self.network_displacement(mov_n, fix_n, spacing, refine=refine)
+        warped_n, disp, scale_facts = self.network_displacement(mov_n, fix_n, spacing, refine=refine, mask=mask_b)
         warped = warped_n * scale + lo
         warped_labels = None
         if labels_b is not None:
@@ -427,7 +439,7 @@ class Registrator:
         )
 
     def _refine(self, moving: torch.Tensor, fixed: torch.Tensor, displacement: torch.Tensor,
-                config: RefineConfig) -> torch.Tensor:
+                config: RefineConfig, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Refine `displacement` (B, ndim, *S) of normalised (B, C, *S) images in the model's warp padding; a
         DeepSim loss without an explicit extractor uses the one bundled with the model. -> (B, ndim, *S) float32.
         Without a network the refinement starts from zero."""
@@ -442,10 +454,11 @@ class Registrator:
         if extractor is not None:
             cfg = dataclasses.replace(cfg, extractor=extractor)
         init = None if isinstance(self.backend, NoNetworkBackend) else displacement
-        return refine(moving, fixed, init=init, config=cfg).displacement.float().contiguous()
+        return refine(moving, fixed, init=init, config=cfg, mask=mask).displacement.float().contiguous()
 
     def network_displacement(self, mov_n: torch.Tensor, fix_n: torch.Tensor, spacing: Any = None,
-                             refine: RefineConfig | None = None) -> tuple[torch.Tensor, torch.Tensor, dict]:
+                             refine: RefineConfig | None = None, mask: torch.Tensor | None = None
+                             ) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """The network on normalised (B, C, *S) inputs -> (warped normalised (B, C, *S), displacement
         (B, ndim, *S) in input voxels, facts). Padding to the network's multiple and cropping happen here.
 
@@ -469,7 +482,7 @@ class Registrator:
                      "network_shape": None, "resampled": False}
             if refine is None:
                 return mov_n, disp, facts
-            disp = self._refine(mov_n, fix_n, disp, refine)
+            disp = self._refine(mov_n, fix_n, disp, refine, mask)
             with torch.inference_mode():
                 warped_n = warp(mov_n, disp, mode="linear", padding=cfg.padding)
             return warped_n, disp, {**facts, "refined_at": "input grid"}
@@ -493,13 +506,17 @@ class Registrator:
         resampled = plan is not None and plan.resample
         refined_at = None
         if refine is not None and not (resampled and refine.full_resolution):
-            disp = self._refine(mov_in, fix_in, disp, refine)  # on the network's grid
+            mask_in = mask
+            if mask is not None and resampled:  # the mask on the network's grid: linear, inside where > 1/2
+                with torch.inference_mode():
+                    mask_in = (plan.image_to_model(mask) > 0.5).float()
+            disp = self._refine(mov_in, fix_in, disp, refine, mask_in)  # on the network's grid
             refined_at = "model grid" if resampled else "input grid"
         if resampled:
             with torch.inference_mode():
                 disp = plan.displacement_to_input(disp).contiguous()
         if refine is not None and refined_at is None:  # full_resolution: from the network's field, at the input's
-            disp = self._refine(mov_n, fix_n, disp, refine)
+            disp = self._refine(mov_n, fix_n, disp, refine, mask)
             refined_at = "input grid"
         if resampled or refine is not None:
             with torch.inference_mode():

@@ -75,12 +75,12 @@ def test_oblique_goes_to_the_closest_axes_and_keeps_the_rotation():
 # ---------------------------------------------------------------------------------------------------------------
 # The same pair in five orientations, registered end to end with the bundled 2 mm 3D model
 # ---------------------------------------------------------------------------------------------------------------
-def _atlas_pair():
-    """Fixed: the 2 mm atlas (SAR arrays); moving: it deformed by a smooth known field (up to 3 voxels)."""
+def _atlas_pair(voxel_size: int = 2):
+    """Fixed: the atlas (SAR arrays); moving: it deformed by a smooth known field (up to 3 voxels)."""
     from deepsim_rt.data.atlas import load_atlas
     from deepsim_rt.kernels import warp
 
-    atlas = load_atlas(3, voxel_size=2)
+    atlas = load_atlas(3, voxel_size=voxel_size)
     img, lab = atlas.image, atlas.labels
     grid = torch.stack(torch.meshgrid(*[torch.linspace(0, np.pi, n) for n in img.shape[2:]], indexing="ij"))
     u = torch.stack([3 * torch.sin(grid[1]) * torch.sin(grid[2]), 2 * torch.sin(grid[0] + grid[2]),
@@ -112,10 +112,13 @@ def _dice(a, b):
     return float(np.mean([2 * ((a == v) & (b == v)).sum() / ((a == v).sum() + (b == v).sum()) for v in labels]))
 
 
-def test_same_pair_in_five_orientations_gives_the_same_labels(tmp_path):
+@pytest.mark.parametrize("voxel_size,model", [(4, "default-3d-4mm"),
+                                              pytest.param(2, "default-3d", marks=pytest.mark.slow)],
+                         ids=["4mm", "2mm"])  # 4 mm: 8 s at load 9; 2 mm: 38 s
+def test_same_pair_in_five_orientations_gives_the_same_labels(tmp_path, voxel_size, model):
     from deepsim_rt.pipeline.register import run_register
 
-    mov, mov_lab, fix, fix_lab, sar = _atlas_pair()
+    mov, mov_lab, fix, fix_lab, sar = _atlas_pair(voxel_size)
     t = np.deg2rad(20)
     tilt = np.eye(4)
     tilt[:3, :3] = [[1, 0, 0], [0, np.cos(t), -np.sin(t)], [0, np.sin(t), np.cos(t)]]  # 20 degrees about R
@@ -132,8 +135,8 @@ def test_same_pair_in_five_orientations_gives_the_same_labels(tmp_path):
                 aff = extra @ aff
             paths[role] = d / f"{role}.nii.gz"
             _save(paths[role], data, aff)
-        info = run_register(paths["m"], paths["f"], d / "out", labels=paths["ml"], model="default-3d",
-                            device="cpu")
+        info = run_register(paths["m"], paths["f"], d / "out", labels=paths["ml"], model=model, device="cpu",
+                            outputs=["labels"])
         summaries[name] = info
         out = nib.load(str(d / "out" / "warped_labels.nii.gz"))
         assert np.allclose(out.affine, nib.load(str(paths["f"])).affine)  # the fixed file's own grid
@@ -145,7 +148,7 @@ def test_same_pair_in_five_orientations_gives_the_same_labels(tmp_path):
     ref_wl, ref_fl = canon["SAR"]
     before = _dice(_oriented(mov_lab, sar, "RAS")[0].astype(np.int16), ref_fl)
     ref_dice = _dice(ref_wl, ref_fl)
-    assert ref_dice > before + 0.02  # the network did register (a no-op would fail the checks below trivially)
+    assert ref_dice > before + 0.01  # the network did register (a no-op would pass the checks below trivially)
     for name, (wl, fl) in canon.items():
         assert np.array_equal(fl, ref_fl)
         assert _dice(wl, ref_wl) >= 0.995, name

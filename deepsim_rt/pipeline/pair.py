@@ -24,6 +24,8 @@ class Pair:
     fixed: Image
     labels: Image | None = None
     notes: list[str] = field(default_factory=list)
+    fixed_mask: Image | None = None   # kind "mask", NIfTI, any grid (pipeline.world puts it on the fixed grid)
+    moving_mask: Image | None = None
 
     @property
     def data_ndim(self) -> int:
@@ -33,7 +35,8 @@ class Pair:
 
     @property
     def paths(self) -> list[Path]:
-        return [img.path for img in (self.moving, self.fixed, self.labels) if img is not None]
+        return [img.path for img in (self.moving, self.fixed, self.labels, self.fixed_mask, self.moving_mask)
+                if img is not None]
 
 
 def check_same_grid(a: Image, b: Image, what: str) -> None:
@@ -51,8 +54,10 @@ def check_same_grid(a: Image, b: Image, what: str) -> None:
 
 
 def read_pair(moving: str | os.PathLike, fixed: str | os.PathLike,
-              labels: str | os.PathLike | None = None) -> Pair:
-    """Read and check a pair's input files (no model needed yet); ValueError on anything unusable."""
+              labels: str | os.PathLike | None = None, fixed_mask: str | os.PathLike | None = None,
+              moving_mask: str | os.PathLike | None = None) -> Pair:
+    """Read and check a pair's input files (no model needed yet); ValueError on anything unusable. Masks (brain
+    masks: non-zero = inside) are NIfTI on any grid, for NIfTI pairs."""
     mov = read_image(moving)
     fix = read_image(fixed)
     notes = []
@@ -68,7 +73,21 @@ def read_pair(moving: str | os.PathLike, fixed: str | os.PathLike,
         check_same_grid(mov, lab, "moving and labels")
     if mov.format == "png" and mov.data.ndim != 2:
         raise ValueError(f"{mov.path}: PNG inputs must be greyscale 2D images, got shape {mov.data.shape}")
-    return Pair(mov, fix, lab, notes)
+    masks = {}
+    for role, path in (("fixed", fixed_mask), ("moving", moving_mask)):
+        if path is None:
+            continue
+        m = read_image(path, kind="mask")
+        if m.format != "nifti" or mov.format != "nifti":
+            raise ValueError(f"--{role}-mask needs NIfTI images (a mask on any grid is placed by its affine), got "
+                             f"{m.path.name} for {mov.format.upper()} inputs")
+        if len(m.disk_shape) != len(fix.disk_shape if role == "fixed" else mov.disk_shape):
+            raise ValueError(f"--{role}-mask {m.path} is {len(m.disk_shape)}D, the {role} image "
+                             f"{len(fix.disk_shape if role == 'fixed' else mov.disk_shape)}D")
+        if not (m.data != 0).any():
+            raise ValueError(f"--{role}-mask {m.path} is empty (no non-zero voxel)")
+        masks[role] = m
+    return Pair(mov, fix, lab, notes, masks.get("fixed"), masks.get("moving"))
 
 
 def default_model(pair: Pair) -> str:

@@ -111,14 +111,17 @@ def register_pair(reg, pair: Pair, affine: str | None = None, label_mode: str | 
     f_arr = pair.fixed.spatial(nd, "fixed").astype(np.float32)
     l_arr = None if pair.labels is None else pair.labels.spatial(nd, "labels")
 
-    def run(m, f, lab, spacing=None):
-        return reg.register(m, f, lab, spacing=spacing, label_mode=label_mode, refine=refine)
+    def run(m, f, lab, spacing=None, mask=None):  # the masks restrict the refinement's similarity (with refine)
+        return reg.register(m, f, lab, spacing=spacing, label_mode=label_mode, refine=refine,
+                            mask=mask if refine is not None else None)
 
     from deepsim_rt.pipeline import qc
 
     profile = qc.training_profile(reg.source)
     seen = {"moving": (m_arr, pair.moving.affine), "fixed": (f_arr, pair.fixed.affine)}  # what the network sees
-    orientation = world = u_net = None
+    orientation = world = u_net = mask = None
+    masks = {role: None if img is None else (img.spatial(nd, f"{role} mask"), img.affine)
+             for role, img in (("fixed_mask", pair.fixed_mask), ("moving_mask", pair.moving_mask))}
     t0 = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -143,13 +146,15 @@ def register_pair(reg, pair: Pair, affine: str | None = None, label_mode: str | 
                 seen = {"moving": (m_in, m_aff), "fixed": (f_in, f_aff)}
             wr = _guard_memory(lambda: register_world_parts(
                 run, m_in, m_aff, f_in, f_aff, l_in, affine, label_mode,
-                (str(pair.moving.path), str(pair.fixed.path))), f_arr.shape, reg.device)
+                (str(pair.moving.path), str(pair.fixed.path)), **masks), f_arr.shape, reg.device)
             warped, u, warped_labels, grid, world, u_net = wr.warped, wr.u, wr.warped_labels, wr.facts, wr.world, \
                 wr.u_net
+            mask = wr.mask
             if orientation is not None:  # back onto the fixed file's own axes (world coordinates are unchanged)
                 grid = {**grid, **file_grids}  # the files' grids; "network" is in the model's axis order
                 warped, u, u_net = r_f.from_model(warped), r_f.vector_from_model(u), r_f.vector_from_model(u_net)
                 warped_labels = None if warped_labels is None else r_f.from_model(warped_labels)
+                mask = None if mask is None else r_f.from_model(mask)
         else:
             if affine is not None:
                 raise ValueError(f"--affine needs NIfTI inputs (world coordinates from their affines), got "
@@ -175,6 +180,11 @@ def register_pair(reg, pair: Pair, affine: str | None = None, label_mode: str | 
     summary["grid"] = {**grid, "label_mode": label_mode}
     if orientation is not None:
         summary["orientation"] = orientation
+    if mask is not None:
+        summary["masks"] = {"fixed": None if pair.fixed_mask is None else str(pair.fixed_mask.path),
+                            "moving": None if pair.moving_mask is None else str(pair.moving_mask.path),
+                            "union_on_fixed_grid_voxels": int(mask.sum()),
+                            "restricts": ["qc statistics", *(["refinement similarity"] if refine is not None else [])]}
     # an affine-only registration (--model none --affine, no refinement) has no deformable part: no dense field
     dense = world is None or u_net is None or bool(np.any(u_net != 0))
     files = _image_outputs(pair, nd, warped, vec if dense else None, warped_labels)
@@ -182,7 +192,7 @@ def register_pair(reg, pair: Pair, affine: str | None = None, label_mode: str | 
     if pair.moving.format == "nifti":
         summary["transforms"] = _transform_files(result, pair, nd, vec, world, u_net, dense)
     # QC holds ~10 copies of the field (Jacobian entries): out of memory there is one line too
-    det = _guard_memory(lambda: _add_qc(result, reg, pair, profile, seen, u, None if dense else world),
+    det = _guard_memory(lambda: _add_qc(result, reg, pair, profile, seen, u, None if dense else world, mask),
                         f_arr.shape, "cpu")
     fixed_view, warped_view = f_arr, np.asarray(warped).reshape(f_arr.shape)
 
@@ -257,7 +267,8 @@ def _guard_memory(fn: Callable[[], Any], shape: tuple[int, ...], device: Any) ->
 
 
 def _add_qc(result: PairResult, reg, pair: Pair, profile, seen: dict[str, tuple[np.ndarray, Any]],
-            u: np.ndarray, affine_only: np.ndarray | None = None) -> np.ndarray | None:
+            u: np.ndarray, affine_only: np.ndarray | None = None, mask: np.ndarray | None = None
+            ) -> np.ndarray | None:
     """QC (pipeline.qc): training-data warnings on what the network saw (`seen`: role -> (array, affine) in the
     model's axis order), the Jacobian determinant map and figures (on the fixed file's grid) into `result`.
     affine_only: the pre-alignment of a registration without a deformable part: its Jacobian is one number, the
@@ -275,7 +286,7 @@ def _add_qc(result: PairResult, reg, pair: Pair, profile, seen: dict[str, tuple[
     if min(u.shape[1:]) < 2:
         warn.append(f"no Jacobian map: a spatial size below 2 in {list(u.shape[1:])}")
         return None
-    det, stats = qc.displacement_qc(u, pair.fixed.affine, affine_only)
+    det, stats = qc.displacement_qc(u, pair.fixed.affine, affine_only, mask=mask)
     result.summary["qc"] = stats
     if affine_only is not None:
         result.summary["timings_s"]["qc"] = time.perf_counter() - t0
@@ -321,10 +332,13 @@ def _image_outputs(pair: Pair, nd: int, warped: np.ndarray, vec: np.ndarray | No
 def run_register(moving: str | os.PathLike, fixed: str | os.PathLike, out: str | os.PathLike,
                  labels: str | os.PathLike | None = None, model: str | None = None, backend: str = "auto",
                  device: str = "auto", overwrite: bool = False, affine: str | None = None,
-                 label_mode: str | None = None, refine: Any = None, outputs: list[str] | None = None
+                 label_mode: str | None = None, refine: Any = None, outputs: list[str] | None = None,
+                 fixed_mask: str | os.PathLike | None = None, moving_mask: str | os.PathLike | None = None
                  ) -> dict[str, Any]:
     """Register files; returns the pair's summary plus "outputs" (written paths) and "seconds" (registration).
     affine / label_mode: see `register_pair`; outputs: the kinds of file to write (`select_outputs`; None: all).
+    fixed_mask / moving_mask: brain masks (NIfTI, any grid): their union on the fixed grid restricts the QC
+    statistics and, with refine, the refinement's similarity (summary.json "masks").
 
     `out` is checked first (an empty name, a file, an unwritable folder, outputs that exist without `overwrite`:
     ValueError before any work). Nothing is written until every input has been read and checked and the
@@ -334,7 +348,7 @@ def run_register(moving: str | os.PathLike, fixed: str | os.PathLike, out: str |
     if outputs is not None:
         select_outputs(PairResult({}, {}), outputs)  # bad names: before any work
     t0 = time.perf_counter()
-    pair = read_pair(moving, fixed, labels)
+    pair = read_pair(moving, fixed, labels, fixed_mask, moving_mask)
     check_targets(out_dir, output_names(pair), pair.paths, overwrite)
     t_read = time.perf_counter() - t0
     t0 = time.perf_counter()

@@ -96,8 +96,10 @@ def register_world(register, moving: np.ndarray, moving_affine: np.ndarray, fixe
 
 
 def register_world_parts(register, moving: np.ndarray, moving_affine: np.ndarray, fixed: np.ndarray,
-                   fixed_affine: np.ndarray, labels: np.ndarray | None = None, affine: str | None = None,
-                   label_mode: str = "nearest", names: tuple[str, str] = ("moving", "fixed")):
+                         fixed_affine: np.ndarray, labels: np.ndarray | None = None, affine: str | None = None,
+                         label_mode: str = "nearest", names: tuple[str, str] = ("moving", "fixed"),
+                         fixed_mask: tuple[np.ndarray, np.ndarray] | None = None,
+                         moving_mask: tuple[np.ndarray, np.ndarray] | None = None) -> WorldResult:
     """The whole world-space registration of a NIfTI pair (module docstring).
 
     register(moving_on_fixed, fixed, labels_or_None, spacing_mm) -> a runtime RegistrationResult (numpy form),
@@ -105,16 +107,32 @@ def register_world_parts(register, moving: np.ndarray, moving_affine: np.ndarray
     fixed-voxel displacement, warped labels or None, facts (grids, pre-alignment, what the network ran at), and the
     two parts of u: `world` (the pre-alignment, fixed world -> moving world, or None) and `u_net` (nd, *S_f), the
     deformable part on the fixed grid in fixed voxels (the point of fixed voxel p is A_f (p + u_net(p)), then
-    `world` maps it into moving space)."""
+    `world` maps it into moving space).
+
+    fixed_mask / moving_mask: (array, affine) on any grid, non-zero = inside (a brain mask): both go onto the fixed
+    grid (the moving one through the pre-alignment as well; linear, inside where > 1/2) and their union is given to
+    `register` as mask= (the refinement's similarity counts those voxels only); WorldResult.mask holds it."""
     prep = prepare_pair(moving, moving_affine, fixed, fixed_affine, affine, names)
-    res = register(prep.moving_on_fixed, fixed, None if prep.resampled else labels, prep.fixed.spacing)
+    mask = None
+    for part, world, what in ((fixed_mask, None, "fixed mask"), (moving_mask, prep.world, "moving mask")):
+        if part is not None:
+            arr, aff = part
+            src = Grid.of(arr.shape, aff, what)
+            img = torch.from_numpy(np.ascontiguousarray(arr != 0, dtype=np.float32))[None, None]
+            on_fixed = resample_to_grid(img, src, prep.fixed, "linear", "zeros", world=world)[0, 0].numpy() > 0.5
+            mask = on_fixed if mask is None else mask | on_fixed
+    if mask is not None and not mask.any():
+        raise ValueError("the masks cover no voxel of the fixed image (on the fixed grid, after the pre-alignment): "
+                         "check that they belong to these images")
+    extra = {} if mask is None else {"mask": mask}
+    res = register(prep.moving_on_fixed, fixed, None if prep.resampled else labels, prep.fixed.spacing, **extra)
     u = prep.compose(res.displacement)
     if prep.resampled:
         warped, warped_labels = prep.finish(u, moving, labels, label_mode, "zeros")
     else:
         warped, warped_labels = res.warped, res.warped_labels
     u_net = np.asarray(res.displacement, dtype=np.float32)
-    return WorldResult(warped, u, warped_labels, {**prep.facts, "network": res.scale}, prep.world, u_net)
+    return WorldResult(warped, u, warped_labels, {**prep.facts, "network": res.scale}, prep.world, u_net, mask)
 
 
 class WorldResult(NamedTuple):
@@ -126,3 +144,4 @@ class WorldResult(NamedTuple):
     facts: dict
     world: np.ndarray | None
     u_net: np.ndarray
+    mask: np.ndarray | None = None  # (*S_f) bool: the masks' union on the fixed grid, None without masks

@@ -30,7 +30,7 @@ from deepsim_rt.losses import DeepSimLoss
 from deepsim_rt.losses._inputs import check_image_pair
 from deepsim_rt.refine.config import RefineConfig
 from deepsim_rt.refine.pyramid import bending_energy, downsample_image, level_sizes, resample_field
-from deepsim_rt.refine.terms import FixedNCC, diffusion_term, mse_term
+from deepsim_rt.refine.terms import FixedNCC, diffusion_term, masked_mean, mse_term
 from deepsim_rt.transforms.pad import pad_to_multiple
 
 __all__ = ["refine", "RefineResult", "NonFiniteLossError", "load_extractor", "model_extractor", "level_step",
@@ -92,22 +92,31 @@ def _pad_to(x: torch.Tensor, multiple: int) -> torch.Tensor:
     return pad_to_multiple(x, multiple, "replicate")[0] if multiple > 1 else x
 
 
-def level_similarity(cfg: RefineConfig, fixed: torch.Tensor, deepsim: DeepSimLoss | None
-                      ) -> Callable[[torch.Tensor], torch.Tensor]:
-    """warped (B, C, *S) -> 0-dim similarity loss against `fixed` of this level (its features computed once)."""
+def level_similarity(cfg: RefineConfig, fixed: torch.Tensor, deepsim: DeepSimLoss | None,
+                     mask: torch.Tensor | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """warped (B, C, *S) -> 0-dim similarity loss against `fixed` of this level (its features computed once).
+    mask: (B, 1, *S) weights in [0, 1] on this level's grid, or None: the similarity counts those voxels only
+    (DeepSim: each feature level's cosine map weighted by the mask averaged down to that level)."""
     if cfg.loss == "ncc":
-        return FixedNCC(fixed, cfg.ncc_window)
+        return FixedNCC(fixed, cfg.ncc_window, mask=mask)
     if cfg.loss == "mse":
-        return lambda warped: mse_term(warped, fixed)
+        return lambda warped: mse_term(warped, fixed, mask)
     # DeepSim: the extractors take sizes that are multiples of 2**stages; replicate-pad both images (the padded
     # rim is where `border` warping puts the edge voxels anyway).
     multiple = getattr(getattr(deepsim.extractor, "cfg", None), "spatial_multiple", 1)
     with torch.no_grad():
         fixed_feats = [f.detach() for f in deepsim.extractor.extract_features(_pad_to(fixed, multiple))]
 
+    if mask is not None:
+        padded = _pad_to(mask, multiple)
+        masks = [downsample_image(padded, tuple(f.shape[2:])) for f in fixed_feats]
+
     def sim(warped: torch.Tensor) -> torch.Tensor:
         feats = deepsim.extractor.extract_features(_pad_to(warped, multiple))
-        return 1.0 - multilayer_cosine(feats, fixed_feats, eps=deepsim.eps, reduction="mean")
+        if mask is None:
+            return 1.0 - multilayer_cosine(feats, fixed_feats, eps=deepsim.eps, reduction="mean")
+        maps = multilayer_cosine(feats, fixed_feats, eps=deepsim.eps, reduction="none")
+        return 1.0 - sum(masked_mean(c[:, None], m) for c, m in zip(maps, masks, strict=True)) / len(maps)
 
     return sim
 
@@ -139,14 +148,16 @@ def _check_inputs(moving: torch.Tensor, fixed: torch.Tensor, init: torch.Tensor 
 
 
 def refine(moving: torch.Tensor, fixed: torch.Tensor, init: torch.Tensor | None = None,
-           config: RefineConfig | None = None, extractor: nn.Module | str | os.PathLike | None = None
-           ) -> RefineResult:
+           config: RefineConfig | None = None, extractor: nn.Module | str | os.PathLike | None = None,
+           mask: torch.Tensor | None = None) -> RefineResult:
     """Refine the displacement of moving -> fixed by Adam, coarse to fine (see RefineConfig for the loss).
 
     moving, fixed: float (B, C, *S), same shape and device, intensities as the similarity expects (the runtime
     passes min-max normalised [0, 1] images). init: (B, ndim, *S) voxel displacement to start from (a network's),
     None = zero. With diffeomorphic=True the velocity starts at init (exp(v) ~ id + v, first order).
     extractor: DeepSim feature model (overrides config.extractor); required for deepsim_seg / deepsim_ae.
+    mask: (B, 1, *S) on the fixed grid, non-zero = inside (a brain mask), or None: the similarity counts the
+    voxels inside only (the regulariser still covers the whole field). ValueError when it is empty.
     Raises ValueError for bad options, a pyramid axis below 4 voxels, or a non-finite loss (NonFiniteLossError,
     naming level and iteration).
     """
@@ -156,6 +167,14 @@ def refine(moving: torch.Tensor, fixed: torch.Tensor, init: torch.Tensor | None 
         raise ValueError(f"config must be a RefineConfig, got {type(cfg).__name__}")
     nd = _check_inputs(moving, fixed, init)
     cfg = cfg.resolve(nd)
+    if mask is not None:
+        want = (fixed.shape[0], 1, *fixed.shape[2:])
+        if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != want:
+            raise ValueError(f"mask must be a (B, 1, *S) = {want} tensor, got "
+                             f"{tuple(getattr(mask, 'shape', ())) or type(mask).__name__}")
+        mask = (mask != 0).to(fixed.device, torch.float64 if fixed.dtype == torch.float64 else torch.float32)
+        if not bool(mask.flatten(1).sum(1).gt(0).all()):
+            raise ValueError("mask is empty (no voxel inside): the similarity would have nothing to compare")
     deepsim = None
     if cfg.needs_extractor:
         ext = extractor if extractor is not None else cfg.extractor
@@ -187,8 +206,9 @@ def refine(moving: torch.Tensor, fixed: torch.Tensor, init: torch.Tensor | None 
             # field, upsampled to warp the full-resolution image. NCC / MSE use the image pyramid (cheap levels).
             img_size = tuple(moving.shape[2:]) if deepsim is not None else size
             mov_k, fix_k = downsample_image(moving, img_size), downsample_image(fixed, img_size)
-            delta, losses = _run_level(cfg, base, delta, mov_k, fix_k, level_similarity(cfg, fix_k, deepsim), k,
-                                       len(sizes), bar)
+            mask_k = None if mask is None else downsample_image(mask, img_size)
+            sim = level_similarity(cfg, fix_k, deepsim, mask_k)
+            delta, losses = _run_level(cfg, base, delta, mov_k, fix_k, sim, k, len(sizes), bar)
             result.losses.append(losses)
             result.iterations.append(len(losses))
             result.sizes.append(size)

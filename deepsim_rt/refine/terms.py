@@ -15,16 +15,28 @@ import torch
 
 from deepsim_rt.losses.intensity import DEFAULT_NCC_EPS, _box_sum, _window
 
-__all__ = ["FixedNCC", "mse_term", "diffusion_term"]
+__all__ = ["FixedNCC", "mse_term", "diffusion_term", "masked_mean"]
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean of x (B, C, *S) over every element, or weighted by mask (B, 1, *S) in [0, 1] (a brain mask: the
+    similarity of the voxels outside it does not count). An empty mask is an error of the caller (checked there)."""
+    if mask is None:
+        return x.mean()
+    w = mask.to(x.dtype).expand_as(x)
+    return (x * w).sum() / w.sum()
 
 
 class FixedNCC:
     """loss(warped) = 1 - mean local squared NCC(warped, fixed) (= deepsim_rt.losses.ncc), fixed's sums cached.
 
     fixed: (B, C, *S) float; window: odd int per axis (9 as the losses). The fixed image needs no gradient.
+    mask: (B, 1, *S) weights in [0, 1] or None: the mean runs over the mask's voxels only (`masked_mean`).
     """
 
-    def __init__(self, fixed: torch.Tensor, window: int, eps: float = DEFAULT_NCC_EPS) -> None:
+    def __init__(self, fixed: torch.Tensor, window: int, eps: float = DEFAULT_NCC_EPS,
+                 mask: torch.Tensor | None = None) -> None:
+        self.mask = mask
         nsp = fixed.dim() - 2
         self.win = _window(window, nsp)
         self.n = float(math.prod(self.win))
@@ -41,12 +53,12 @@ class FixedNCC:
         s_i, s_ii, s_ij = _box_sum(torch.cat([i, i * i, i * self.j], dim=1), self.win).split(self.c, dim=1)
         cross = s_ij - s_i * self.s_j / self.n
         var_i = s_ii - s_i * s_i / self.n
-        return 1.0 - (cross * cross / (var_i * self.var_j).clamp_min(self.eps)).mean()
+        return 1.0 - masked_mean(cross * cross / (var_i * self.var_j).clamp_min(self.eps), self.mask)
 
 
-def mse_term(warped: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
-    """Mean squared difference (= deepsim_rt.losses.mse)."""
-    return (warped - fixed).square().mean()
+def mse_term(warped: torch.Tensor, fixed: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean squared difference (= deepsim_rt.losses.mse), over the mask's voxels when given."""
+    return masked_mean((warped - fixed).square(), mask)
 
 
 def diffusion_term(u: torch.Tensor) -> torch.Tensor:
