@@ -1,5 +1,5 @@
-"""deepsim_rt.pipeline.qc: Jacobian / displacement figures with known answers, training-profile warnings, and the QC files
-`deepsim-rt register` writes (jacobian map + summary.json)."""
+"""deepsim_rt.pipeline.qc: Jacobian / displacement figures with known answers, training-profile warnings, and the QC
+files `deepsim-rt register` writes (jacobian map + summary.json)."""
 
 from __future__ import annotations
 
