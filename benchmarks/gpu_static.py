@@ -46,11 +46,11 @@ import torch
 REG_LIMIT = 128
 NO_SPILL_DTYPES = ("fp32", "bf16", "fp16")
 WARP_KERNELS = ("_warp_fwd_kernel", "_warp_bwd_kernel", "_warp_corners_kernel", "_warp_gather_kernel")
-# Kernels held to "no layout conversion through shared memory inside a loop": the cosine backward, whose channel
-# loop stores the gradients. With channels-last inputs and contiguous gradients its loop converted through shared
-# memory (24 bar.sync in the PTX, triton 3.9 sm_90); with gradients in the inputs' layout the conversions left in
-# the loop map every element to the same thread (register renaming: 0 bar.sync, 0 shfl, 0 B shared memory), so the
-# rule reads the barriers: a loop conversion in a kernel with a bar.sync fails. (The warp kernels: none at all.)
+# Kernels held to "no layout conversion between threads inside a loop": the cosine backward, whose channel loop
+# stores the gradients. With channels-last inputs and contiguous gradients its loop converted between threads
+# (through shared memory: 24 bar.sync in the PTX, triton 3.9 sm_90); with gradients in the inputs' layout the
+# conversions left in the loop give every element to the same thread (register renaming: 0 bar.sync, 0 shfl, 0 B
+# shared memory for that variant), which `loop_conversions_between_threads` tells apart. (Warp kernels: none at all.)
 SMEM_LOOP_CONVERT_KERNELS = ("_cos_bwd_kernel",)
 # Spills accepted after a look at the SASS, (triton, arch, kernel, variant) -> the most spill bytes (stores + loads)
 # tolerated. 3.9/sm_80 1-level cosine backward: ptxas 12.9 stores ONE register to local memory before the channel
@@ -120,6 +120,59 @@ def count_layout_conversions(ttgir: str) -> tuple[int, int]:
     return total, in_loop
 
 
+_BLOCKED = re.compile(r"^(#\w+) = #ttg\.blocked<\{sizePerThread = \[([\d, ]*)\], threadsPerWarp = \[([\d, ]*)\], "
+                      r"warpsPerCTA = \[([\d, ]*)\], order = \[([\d, ]*)\]")
+# "... : tensor<4x256x!tt.ptr<f32>, #blocked1> -> tensor<4x256x!tt.ptr<f32>, #blocked3> loc(#loc1)"; a slice or
+# other non-blocked layout does not match a plain name, so such a conversion counts as between threads.
+_CONVERT = re.compile(r"ttg\.convert_layout .*, (#\w+)> -> tensor<.*, (#\w+)>(?: loc\(|$)")
+
+
+def _same_owner(a: tuple, b: tuple) -> bool:
+    """Do two blocked layouts give every element to the same thread (a conversion = register renaming)?
+    a, b: (sizePerThread, threadsPerWarp, warpsPerCTA, order). A dim spread over threads or warps must match in
+    all three; a dim held whole by each thread may differ in sizePerThread; the thread order over the spread dims
+    must agree."""
+    (sa, ta, wa, oa), (sb, tb, wb, ob) = a, b
+    if len(sa) != len(sb):
+        return False
+    spread = [d for d in range(len(sa)) if ta[d] * wa[d] > 1 or tb[d] * wb[d] > 1]
+    if any((sa[d], ta[d], wa[d]) != (sb[d], tb[d], wb[d]) for d in spread):
+        return False
+    return [d for d in oa if d in spread] == [d for d in ob if d in spread]
+
+
+def loop_conversions_between_threads(ttgir: str) -> int:
+    """In-loop ttg.convert_layout ops that move data between threads (through shared memory + barriers): every
+    in-loop conversion except blocked -> blocked ones with the same element-to-thread map (`_same_owner`)."""
+    layouts = {}
+    for line in ttgir.splitlines():
+        if m := _BLOCKED.match(line):
+            layouts[m.group(1)] = tuple([int(x) for x in g.split(",") if x.strip()] for g in m.groups()[1:])
+    n = 0
+    for line in _loop_lines(ttgir):
+        if "ttg.convert_layout" in line:
+            m = _CONVERT.search(line)
+            src, dst = (layouts.get(m.group(1)), layouts.get(m.group(2))) if m else (None, None)
+            n += not (src and dst and _same_owner(src, dst))
+    return n
+
+
+def _loop_lines(ttgir: str):
+    """The lines inside an scf.for / scf.while body (same brace walk as count_layout_conversions)."""
+    depth = 0
+    loop_depths: list[int] = []
+    for line in ttgir.splitlines():
+        code = line.split(" loc(")[0] if "convert_layout" not in line else line
+        if loop_depths:
+            yield line
+        opens, closes = code.count("{"), code.count("}")
+        if re.search(r"\bscf\.(for|while)\b", line) and line.rstrip().endswith("{"):
+            loop_depths.append(depth + opens - closes)
+        depth += opens - closes
+        while loop_depths and depth < loop_depths[-1]:
+            loop_depths.pop()
+
+
 def row_problems(row: dict) -> list[str]:
     """The gate's verdict on one compiled (kernel, variant, target) row: [] = pass, else the reasons."""
     if row.get("error"):
@@ -137,9 +190,9 @@ def row_problems(row: dict) -> list[str]:
         probs.append(f"spills {row['spill_stores']} B stored / {row['spill_loads']} B loaded in {row['dtype']}")
     if row["kernel"] in WARP_KERNELS and row.get("loop_converts"):
         probs.append(f"{row['loop_converts']} layout conversions inside a loop")
-    elif row["kernel"] in SMEM_LOOP_CONVERT_KERNELS and row.get("loop_converts") and row.get("bar_sync"):
-        probs.append(f"{row['loop_converts']} layout conversions inside a loop, through shared memory "
-                     f"({row['bar_sync']} bar.sync)")
+    elif row["kernel"] in SMEM_LOOP_CONVERT_KERNELS and row.get("loop_converts_between_threads"):
+        probs.append(f"{row['loop_converts_between_threads']} layout conversions inside a loop move data between "
+                     "threads (shared memory + barriers)")
     if row.get("analysis_error"):
         probs.append(f"mutation analysis gave up and assumed every input written ({row['analysis_error']})")
     elif row.get("inputs_written"):
@@ -497,10 +550,12 @@ class Gate:
         ptx_info = parse_ptxas_log(buf.getvalue()).get(compiled.name) or \
             parse_ptxas_log(_ptxas_fallback(compiled.asm["ptx"], self.arch)).get(compiled.name, {})
         converts, loop_converts = count_layout_conversions(compiled.asm["ttgir"])
+        loop_between = loop_conversions_between_threads(compiled.asm["ttgir"])
         info = {"kernel": name, "num_warps": compiled.metadata.num_warps, "regs": ptx_info.get("regs"),
                 "spill_stores": ptx_info.get("spill_stores", 0), "spill_loads": ptx_info.get("spill_loads", 0),
                 "stack": ptx_info.get("stack", 0), "barriers": ptx_info.get("barriers", 0),
                 "smem": compiled.metadata.shared, "converts": converts, "loop_converts": loop_converts,
+                "loop_converts_between_threads": loop_between,
                 "bar_sync": compiled.asm["ptx"].count("bar.sync"), "compile_s": round(dt, 2), "error": None}
         self._info[id(compiled)] = info
         return info, compiled
