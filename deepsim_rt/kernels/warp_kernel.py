@@ -344,10 +344,10 @@ def _warp_gather_kernel(gout_ptr, start_ptr, perm_ptr, wt_ptr, gimg_ptr, C, N, t
     nmax = tl.max(n, axis=0)
     b = q // N
     for c in range(C):
-        # (b*N + p) -> b*C*N + c*N + p in the contiguous (B, C, N) gradient. c in int64: torch <= 2.11's mutation
-        # analysis bakes N in as a constant, and c * 2**31 overflowed int32 there (it then gave up: every input
-        # "written"), while the real launch passes N >= 2**31 as an int64 argument.
-        coff = b * (C - 1) * N + c.to(tl.int64) * N
+        # (b*N + p) -> b*C*N + c*N + p in the contiguous (B, C, N) gradient. Factored so that N multiplies the
+        # int64 b-term, never the int32 c alone: torch <= 2.11's mutation analysis bakes N in as a constant, and
+        # c * 2**31 overflowed int32 there (it then gave up: every input "written"); launches pass N as int64.
+        coff = (b * (C - 1) + c) * N
         acc = tl.zeros((BLOCK,), COMPUTE)
         for j in range(0, nmax):
             m = j < n
