@@ -1,7 +1,7 @@
 """Masks (issue 20 item 3): --fixed-mask / --moving-mask restrict the refinement's similarity and the QC statistics.
 
-Known answers: a masked similarity is the plain one over the mask's voxels; a difference outside the mask does not
-move the refined field; the CLI puts a mask from another grid onto the fixed grid, says what it used in
+Known answers: a masked similarity is the plain one with the outside counted as 0; a difference outside the mask
+does not move the refined field; the CLI puts a mask from another grid onto the fixed grid, says what it used in
 summary.json, and refuses empty or non-NIfTI masks in one line before any work.
 """
 
@@ -19,14 +19,15 @@ from deepsim_rt.refine.terms import FixedNCC, mse_term
 nib = pytest.importorskip("nibabel")
 
 
-def test_masked_similarity_is_the_plain_one_over_the_mask():
+def test_masked_similarity_counts_the_mask_only():
     g = torch.Generator().manual_seed(0)
     a, b = torch.rand(1, 1, 12, 14, generator=g), torch.rand(1, 1, 12, 14, generator=g)
     ones = torch.ones(1, 1, 12, 14)
     assert torch.allclose(FixedNCC(b, 5, mask=ones)(a), FixedNCC(b, 5)(a))
     half = torch.zeros(1, 1, 12, 14)
     half[..., :7] = 1
-    assert torch.allclose(mse_term(a, b, half), (a - b)[..., :7].square().mean())
+    # outside the mask counts as 0; divided by all voxels (the regulariser's balance does not change with a mask)
+    assert torch.allclose(mse_term(a, b, half), (a - b)[..., :7].square().sum() / a.numel())
 
 
 def _blob(shape, centre, r=3.0):

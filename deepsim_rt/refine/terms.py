@@ -19,12 +19,14 @@ __all__ = ["FixedNCC", "mse_term", "diffusion_term", "masked_mean"]
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Mean of x (B, C, *S) over every element, or weighted by mask (B, 1, *S) in [0, 1] (a brain mask: the
-    similarity of the voxels outside it does not count). An empty mask is an error of the caller (checked there)."""
+    """Mean of x (B, C, *S) over every element, with the elements outside mask (B, 1, *S) in [0, 1] counted as 0
+    (a brain mask: the similarity there does not count). Divided by all the voxels, not the mask's: each voxel's
+    gradient keeps the size it has without a mask, so the balance with the regulariser (a mean over the whole
+    field) stays the measured one. Dividing by the mask's voxels made a head's brain mask (15 % of a 256^3 grid)
+    a 6.8x weaker lam: 0.83 % folding and Dice 0.576 vs 0.654 unmasked (Colin27 -> fsaverage)."""
     if mask is None:
         return x.mean()
-    w = mask.to(x.dtype).expand_as(x)
-    return (x * w).sum() / w.sum()
+    return (x * mask.to(x.dtype)).mean()
 
 
 class FixedNCC:
