@@ -4,20 +4,30 @@
     runner = load_package("reg-cpu.pt2")                                       # runner(moving, fixed)
 
 The graph is the same fixed-arity module as the ONNX export (BatchNorm folded, dropout removed), with dynamic batch
-and spatial axes: for 2D registration by default the SERVING graph (raw float32 images of any size, normalization /
-padding / crop inside, export.serving); graph="full" keeps the network-only graph (normalized inputs, sizes a
-multiple of the network's multiple). 3D default: "full". Known limitation (torch 2.13, CPU Inductor): the 3D serving
-graph compiles, but the package's displacement is wrong at sizes other than the trace example (max abs error
-17-23 voxels, mean 2.5, at 13x21x29 / 21x13x21; the same graph is exact in eager PyTorch and ONNX Runtime), so the
-self-verification refuses it (ExportError) and 3D packages keep the network-only graph until that is understood.
+and spatial axes: for registration by default the SERVING graph (raw float32 images of any size, normalization /
+padding / crop inside, export.serving), 2D and 3D; graph="full" keeps the network-only graph (normalized inputs,
+sizes a multiple of the network's multiple).
+
+Batch 1 (issue 18 #1). torch.export traces a dynamic batch under the 0/1 specialisation: the graph is valid for
+batch >= 2 only, and AOTInductor's `check_lowerbound` guard then rejects batch 1. With that guard switched off (as
+this module did until issue 18) a batch-1 call ran code planned for batch >= 2: on CPU Inductor plans channels-last
+buffers, at batch 1 a convolution of the flow head returns a contiguous tensor the next fused kernel reads as
+channels-last, and the displacement came out 1-11 voxels wrong (3D serving graph, bundled or tiny widths; exact at
+batch 2; 2D and the 3D network-only graph, all that the tests compiled, were not affected). Now the export and the
+compile run with `torch.fx.experimental._config.backed_size_oblivious=True`: no 0/1 specialisation, the 3D serving
+package's batch range is 1..4096 and its code is exact at batch 1; `check_lowerbound` stays ON (it is the guard that
+would have refused the batch-1 call; never switch it off). The self-verification runs every random case at batch 1,
+2 and 3, so a batch-1 error fails the export instead of shipping (measured: benchmarks/results/export_gpu_defects.md).
 
 Guards. `load_package` (= AotiRunner) checks every call before the compiled code sees it: input count, torch
 tensors, rank ndim + 2, channels, dtype float32 (float64 is REJECTED with a one-line ValueError, never reinterpreted),
 non-empty, equal shapes, sizes (a multiple of the net's m for network-only graphs; m + 1 .. 8192 for serving ones);
 non-contiguous inputs are MADE contiguous (a copy), never rejected. A package opened with the bare
 `torch._inductor.aoti_load_package` has no guards unless the environment sets AOTI_RUNTIME_CHECK_INPUTS=1: then
-AOTInductor's own checks reject a wrong dtype / rank / size / stride; our packages are compiled with
-check_lowerbound off, so those checks accept batch 1 (with it on they demand batch >= 2).
+AOTInductor's own checks reject a wrong dtype / rank / size / stride, and a batch outside the range Inductor
+compiled for: 1..4096 for the 3D serving graph, but 2..15 for 2D graphs (torch 2.13's CPU convolution-backend
+choice guards on batch > 1 and batch < 16 while Inductor compiles; those packages are verified exact at batch 1 and
+were measured exact at 16, 17 and 32, benchmarks/results/export_gpu_defects.md). Use load_package.
 
 On CPU the warp is the ATen reference (grid_sampler, which Inductor compiles to C++); exported on a CUDA device
 the deepsim_rt ops dispatch to their Triton kernels, which torch.export captures as `torch.library.triton_op`s
@@ -36,6 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.fx.experimental._config as fx_config
 from torch import nn
 
 from deepsim_rt.export._io import atomic_named_file
@@ -52,7 +63,7 @@ from deepsim_rt.export.ort import check_inputs
 from deepsim_rt.export.verify import VerifyReport, measure
 from deepsim_rt.export.wrappers import GRAPHS, default_graph, prepare_for_export, wrap
 
-__all__ = ["AotiExport", "export_aoti", "AotiRunner", "load_package", "read_aoti_info", "PRECISIONS"]
+__all__ = ["AotiExport", "export_aoti", "AotiRunner", "load_package", "read_aoti_info", "PRECISIONS", "batch_cases"]
 
 # Half-precision packages: the network (U-Net + flow head) runs in this dtype, integration and warp in fp32.
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -82,11 +93,12 @@ def export_aoti(model: nn.Module | str | os.PathLike, path: str | os.PathLike, *
                 precision: str = "fp32") -> AotiExport:
     """Compile `model` (nn.Module or .safetensors) into an AOTInductor package at `path` (.pt2) for `device`.
 
-    graph: None -> "serving" for 2D registration (raw images of any size), "full" otherwise (3D: see the module
-    docstring); "serving" / "full" as in export.onnx.
+    graph: None -> "serving" for registration (raw images of any size), "full" for the other artifacts;
+    "serving" / "full" as in export.onnx.
     precision: "fp32", or "fp16" / "bf16" (registration: the network in half precision, integration and warp in
     fp32, I/O float32; see export.precision). verify: load the package and compare it with eager fp32 PyTorch (same
-    device) on random and atlas inputs at sizes other than the trace example; ExportError above `tolerance`
+    device) on random inputs at batch 1, 2 and 3 and atlas inputs, at sizes other than the trace example; ExportError
+    above `tolerance`
     (default: fp32 1e-4, half precision FP16_TOL), and nothing is written.
     """
     from deepsim_rt.export.precision import half_network, precision_tolerance
@@ -98,8 +110,8 @@ def export_aoti(model: nn.Module | str | os.PathLike, path: str | os.PathLike, *
     dev = _device(device)
     net, sha = load_source(model, artifact, source_sha256)
     cfg = net.cfg
-    if graph is None:  # 3D serving packages fail their own verification on CPU (see the module docstring)
-        graph = "full" if artifact == "registration" and cfg.ndim == 3 else default_graph(artifact)
+    if graph is None:
+        graph = default_graph(artifact)
     if graph not in GRAPHS or graph == "flow":
         raise ValueError(f"an AOTInductor package holds graph 'serving' or 'full', got {graph!r}")
     if precision not in PRECISIONS:
@@ -121,18 +133,20 @@ def export_aoti(model: nn.Module | str | os.PathLike, path: str | os.PathLike, *
 
     def write(tmp: str) -> None:
         try:
-            with torch.no_grad():
+            # backed_size_oblivious: no 0/1 specialisation of the batch, so the package is valid at batch 1 (module
+            # docstring, "Batch 1"); check_lowerbound stays on: it rejects any batch the graph was not traced for.
+            with torch.no_grad(), fx_config.patch(backed_size_oblivious=True):
                 ep = torch.export.export(module, example, dynamic_shapes=dynamic_shapes(cfg, artifact, graph))
                 torch._inductor.aoti_compile_and_package(
                     ep, package_path=tmp, inductor_configs={"aot_inductor.metadata": dict(meta),
-                                                            "aot_inductor.check_lowerbound": False})
+                                                            "aot_inductor.check_lowerbound": True})
         except Exception as exc:  # export / inductor / C++ compiler errors: one clear message
             raise ExportError(f"AOTInductor export of the {artifact} model for {dev.type} failed: "
                               f"{type(exc).__name__}: {str(exc)[:500]}") from exc
         if verify:
             runner = AotiRunner(tmp, device=dev, expect=artifact)
             cases = [(name, tuple(x.to(dev) for x in xs))
-                     for name, xs in verification_cases(cfg, artifact, tuple(example[0].shape[2:]), graph)]
+                     for name, xs in batch_cases(verification_cases(cfg, artifact, tuple(example[0].shape[2:]), graph))]
             rep = measure(reference, runner, cases, outputs, artifact=f"{artifact} AOTInductor {precision}",
                           backend=f"aoti {dev.type}", tolerance=tolerance)
             rep.check()
@@ -146,6 +160,17 @@ def export_aoti(model: nn.Module | str | os.PathLike, path: str | os.PathLike, *
         raise ExportError(f"AOTInductor export to {str(path)!r} failed: {exc}") from exc
     return AotiExport(path=path, info=parse_metadata(meta, str(path), expect=artifact), device=dev.type,
                       report=reports[0] if reports else None, seconds=time.perf_counter() - t0)
+
+
+def batch_cases(cases: list[tuple[str, tuple[torch.Tensor, ...]]]) -> list[tuple[str, tuple[torch.Tensor, ...]]]:
+    """`cases` plus each batch-2 random case again at batch 1 (its first sample) and batch 3 (a third sample: the
+    first one flipped along the last axis). Batch 1 is where a batch >= 2 specialisation shows (issue 18 #1)."""
+    out = list(cases)
+    for name, xs in cases:
+        if name.startswith("random") and "b=2" in name and xs[0].shape[0] == 2:
+            out.append((name.replace("b=2", "b=1"), tuple(x[:1].contiguous() for x in xs)))
+            out.append((name.replace("b=2", "b=3"), tuple(torch.cat([x, x[:1].flip(-1)]) for x in xs)))
+    return out
 
 
 def _reference(net: nn.Module, dev: torch.device) -> nn.Module:
