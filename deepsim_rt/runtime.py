@@ -480,7 +480,7 @@ class Registrator:
             disp = self.backend(mov_n, fix_n)[1]
             facts = {"input_spacing_mm": given, "model_spacing_mm": None, "input_shape": list(shape),
                      "network_shape": None, "resampled": False}
-            if refine is None:
+            if refine is None or refine.iterations == 0:  # --refine 0: the identity; no pyramid to build
                 return mov_n, disp, facts
             disp = self._refine(mov_n, fix_n, disp, refine, mask)
             with torch.inference_mode():
