@@ -84,23 +84,16 @@ def _cos_stats(a_ptr, b_ptr, C, sC, base, offs_p, pmask, sP, ACC: tl.constexpr, 
     na2 = tl.zeros((BLOCK_C, BLOCK_P), dtype=ACC)
     nb2 = tl.zeros((BLOCK_C, BLOCK_P), dtype=ACC)
     # int64 voxel offsets: with channels-last strides (sP = C) a 3D brain level reaches 7e6 x 64 > 2**31 / 8.
-    offs_c = tl.arange(0, BLOCK_C)
-    off = base + offs_c[:, None].to(tl.int64) * sC + offs_p[None, :].to(tl.int64) * sP
-    pa = a_ptr + off
-    pb = b_ptr + off
-    step = tl.cast(sC, tl.int64) * BLOCK_C  # int64: sC is N for contiguous inputs (tl.cast: sC may be constexpr 1)
+    poff = offs_p.to(tl.int64) * sP
     for c0 in range(0, C, BLOCK_C):
-        # The pointers advance by one channel block per step (loop-carried, in the loads' own layout): rebuilt from
-        # the channel index each step they were laid out along the voxels and converted to the loads' layout
-        # inside the loop for channels-last inputs (2 conversions per step; triton 3.9, sm_90).
-        m = (offs_c[:, None] < C - c0) & pmask[None, :]
-        a = tl.load(pa, mask=m, other=0.0).to(ACC)
-        b = tl.load(pb, mask=m, other=0.0).to(ACC)
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        m = (offs_c[:, None] < C) & pmask[None, :]
+        off = base + offs_c[:, None].to(tl.int64) * sC + poff[None, :]
+        a = tl.load(a_ptr + off, mask=m, other=0.0).to(ACC)
+        b = tl.load(b_ptr + off, mask=m, other=0.0).to(ACC)
         dot += a * b
         na2 += a * a
         nb2 += b * b
-        pa += step
-        pb += step
     return tl.sum(dot, axis=0), tl.sum(na2, axis=0), tl.sum(nb2, axis=0)
 
 
@@ -211,12 +204,14 @@ def _cos_bwd_level(a_ptr, b_ptr, ga_ptr, gb_ptr, gm_ptr, C, N, sB, sC, sP, tot, 
     self_b = tl.where(nb2 >= eps, g * cos * rb * rb, 0.0)
     # Gradients have the inputs' strides (the launcher allocates them so), so they are stored at the offsets the
     # inputs were loaded from, in the same register layout: with channels-last inputs, contiguous (B, C, N)
-    # gradients forced layout conversions (shared memory + barriers) in every channel step (triton 3.9, sm_90).
-    offs_c = tl.arange(0, BLOCK_C)
-    off = base + offs_c[:, None].to(tl.int64) * sC + offs_p[None, :].to(tl.int64) * sP
-    step = tl.cast(sC, tl.int64) * BLOCK_C
+    # gradients forced 6 layout conversions between threads (shared memory, 24 bar.sync) into every channel step
+    # (triton 3.9, sm_90). (Loop-carried pointers instead of offsets rebuilt per step: 128 registers in the odd-shape
+    # variant, 48 as written.)
+    poff = offs_p.to(tl.int64) * sP
     for c0 in range(0, C, BLOCK_C):
-        m = (offs_c[:, None] < C - c0) & pmask[None, :]
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        m = (offs_c[:, None] < C) & pmask[None, :]
+        off = base + offs_c[:, None].to(tl.int64) * sC + poff[None, :]
         a = tl.load(a_ptr + off, mask=m, other=0.0).to(ACC)
         b = tl.load(b_ptr + off, mask=m, other=0.0).to(ACC)
         if NEED_A:
@@ -225,7 +220,6 @@ def _cos_bwd_level(a_ptr, b_ptr, ga_ptr, gb_ptr, gm_ptr, C, N, sB, sC, sP, tot, 
         if NEED_B:
             gb = cross[None, :] * a - self_b[None, :] * b
             tl.store(gb_ptr + off, cast_out(gb, gb_ptr.dtype.element_ty, EMULATE_RTNE), mask=m)
-        off += step
 
 
 @triton.jit
