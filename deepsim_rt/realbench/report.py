@@ -36,11 +36,24 @@ def _mean(xs: list[float]) -> float:
     return float(np.mean(xs)) if xs else float("nan")
 
 
+def _tier(r: dict[str, Any]) -> str:
+    """The table a row belongs to: the runner's tier, with 2D split into the brain slices and the rat lung."""
+    if r["tier"] == "2d":
+        return "2d-lung" if r["pair"].startswith("ratlung") else "2d-slices"
+    return r["tier"]
+
+
+TIERS = (("labelled", "6 ordered labelled brain pairs"), ("heads", "Colin27 head (ch2) pairs"),
+         ("unlabelled", "unlabelled pairs (S1, → MNI152)"),
+         ("2d-slices", "2D: axial slices through each brain's thalami, 6 ordered pairs"),
+         ("2d-lung", "2D rat-lung pair"))
+
+
 def summary_table(rows: list[dict[str, Any]], tier: str, grid: str) -> list[str]:
     """Method -> mean over the tier's pairs (Dice12 / full Dice / NCC, seconds, max folding), one markdown table."""
     from deepsim_rt.realbench.runner import METHODS
 
-    sel = [r for r in rows if r["tier"] == tier and r["grid"] == grid and "error" not in r]
+    sel = [r for r in rows if _tier(r) == tier and r["grid"] == grid and "error" not in r]
     if not sel:
         return []
     pairs = sorted({r["pair"] for r in sel})
@@ -66,7 +79,7 @@ def summary_table(rows: list[dict[str, Any]], tier: str, grid: str) -> list[str]
 
 
 def _pair_table(rows: list[dict[str, Any]], tier: str, grid: str) -> list[str]:
-    sel = [r for r in rows if r["tier"] == tier and r["grid"] == grid]
+    sel = [r for r in rows if _tier(r) == tier and r["grid"] == grid]
     if not sel:
         return []
     key = "mean_dice12" if any("mean_dice12" in r for r in sel) else "ncc"
@@ -229,8 +242,7 @@ def write_report(out: str | Path, path: str | Path | None = None, figures: str |
     for grid in sorted({r["grid"] for r in rows}):
         shas = sorted({r["git"] for r in rows if r["grid"] == grid})
         lines += [f"## Grid {grid} (git {', '.join(shas)})", ""]
-        for tier, title in (("labelled", "6 ordered labelled brain pairs"), ("heads", "Colin27 head (ch2) pairs"),
-                            ("unlabelled", "unlabelled pairs (S1, → MNI152)"), ("2d", "2D rat-lung pair")):
+        for tier, title in TIERS:
             t = summary_table(rows, tier, grid)
             if t:
                 lines += [f"### {title}: mean over pairs", "", *t, ""]
@@ -241,7 +253,7 @@ def write_report(out: str | Path, path: str | Path | None = None, figures: str |
             fig = figures / f"structures_{grid}.png"
             _structure_plot(per, fig, f"Dice per structure, {grid}, mean over the labelled pairs")
             lines += [f"![per-structure Dice]({_rel(fig, path)})", ""]
-        for tier in ("labelled", "heads", "unlabelled", "2d"):
+        for tier, _ in TIERS:
             t = _pair_table(rows, tier, grid)
             if t:
                 lines += [f"### Per pair: {tier}", "", *t, ""]
