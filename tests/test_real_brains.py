@@ -283,3 +283,23 @@ def test_a_failing_method_is_recorded_and_the_run_goes_on(brains, tmp_path, monk
                                 runner.select_methods("none,ants:Affine"), cache=USER_CACHE, verbose=False)
     assert [r["method"] for r in rows] == ["none", "ants:Affine"]
     assert rows[0]["error"] == "RuntimeError: boom" and "mean_dice12" in rows[1]
+
+
+def test_report_targets_from_hand_rows():
+    from deepsim_rt.realbench.report import summary_table, targets_section
+
+    def row(method, dice, cpu, fold=0.0, pair="a->b"):
+        return {"pair": pair, "tier": "labelled", "grid": "2mm", "method": method, "mean_dice12": dice,
+                "cpu_seconds": cpu, "seconds": 2 * cpu, "folding_percent": fold, "ncc": 0.5}
+
+    rows = [row("affine", 0.60, 1.0), row("net:default-3d", 0.64, 2.0, 0.05), row("net+refine", 0.70, 1.5, 0.2),
+            row("ants:Affine", 0.61, 5.0), row("ants:SyN", 0.68, 20.0), row("affine", 0.50, 1.0, pair="b->a"),
+            {"pair": "b->a", "tier": "labelled", "grid": "2mm", "method": "ants:SyN", "error": "RuntimeError: x"}]
+    text = "\n".join(targets_section(rows, "2mm"))
+    assert ("net + refine (defaults) 0.700 vs best ANTs (ants:SyN) 0.680 mean Dice; CPU 1.5 s vs 20.0 s per pair "
+            "(0.07 of its time; target ≥ and ≤ 0.10): met") in text
+    assert "net:default-3d after affine 0.640 vs affine only 0.550 (+0.090; target ≥ +0.03): met" in text
+    assert "max 0.200 % (net+refine, a->b; target ≤ 0.1 %): NOT met" in text
+    assert "runs with an error: 1 of 7; b->a ants:SyN: RuntimeError: x" in text
+    table = "\n".join(summary_table(rows, "labelled", "2mm"))
+    assert "| affine only (ours: --model none --refine 0) | 2/2 | 0.550 |" in table  # mean over its pairs
