@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from deepsim_rt.transforms.grid import Grid, grid_with_spacing
-from deepsim_rt.transforms.resample import grid_coords, identity_coords, sample, smooth_for_downsampling
+from deepsim_rt.transforms.resample import decimate_for_spacing, grid_coords, identity_coords, sample
 
 __all__ = ["affine_align", "center_of_mass", "AFFINE_KINDS", "LEVELS_MM"]
 
@@ -93,20 +93,22 @@ def affine_align(moving: torch.Tensor, moving_grid: Grid, fixed: torch.Tensor, f
     r = torch.zeros(1 if nd == 2 else 3, dtype=torch.float64, requires_grad=True)
     t = torch.as_tensor(c_m - c_f, dtype=torch.float64).clone().requires_grad_(True)
     s = torch.zeros(nd * (nd + 1) // 2, dtype=torch.float64, requires_grad=True) if kind == "affine" else None
-    inv_m = torch.as_tensor(np.linalg.inv(moving_grid.affine), dtype=torch.float64)
     levels = []
     for level in levels_mm:
         spacing = [max(level, v) for v in fixed_grid.spacing]
         coarse = grid_with_spacing(fixed_grid, spacing)
-        f_c = sample(smooth_for_downsampling(fix, np.asarray(spacing) / fixed_grid.spacing),
-                     grid_coords(fixed_grid, coarse), "linear", "border")
-        m_s = smooth_for_downsampling(mov, np.maximum(1.0, np.asarray(spacing) / moving_grid.spacing))
+        # anti-aliased for the level's spacing, on block-decimated grids (transforms.resample.decimate_for_spacing)
+        f_d, f_grid = decimate_for_spacing(fix, fixed_grid, np.asarray(spacing) / fixed_grid.spacing)
+        f_c = sample(f_d, grid_coords(f_grid, coarse), "linear", "border")
+        m_s, m_grid = decimate_for_spacing(mov, moving_grid,
+                                           np.maximum(1.0, np.asarray(spacing) / moving_grid.spacing))
+        inv_m = torch.as_tensor(np.linalg.inv(m_grid.affine), dtype=torch.float64)
         a = torch.as_tensor(coarse.affine, dtype=torch.float64)
         world = torch.einsum("ij,j...->i...", a[:nd, :nd], identity_coords(coarse.shape, dtype=torch.float64))
-        levels.append((f_c, m_s, world + a[:nd, nd].view(nd, *([1] * nd))))
+        levels.append((f_c, m_s, world + a[:nd, nd].view(nd, *([1] * nd)), inv_m))
 
     def similarity(level) -> torch.Tensor:
-        f_c, m_s, world = level
+        f_c, m_s, world, inv_m = level
         vox = inv_m @ _matrix(r, t, s, c, nd)  # fixed world -> moving voxel
         q = torch.einsum("ij,j...->i...", vox[:nd, :nd], world) + vox[:nd, nd].view(nd, *([1] * nd))
         return _ncc(sample(m_s, q[None].to(torch.float32), "linear", "border"), f_c)

@@ -155,6 +155,30 @@ def smooth_for_downsampling(image: torch.Tensor, factors) -> torch.Tensor:
     return out
 
 
+def decimate_for_spacing(image: torch.Tensor, grid: Grid, factors) -> tuple[torch.Tensor, Grid]:
+    """`smooth_for_downsampling` for large factors, cheaper: per axis q = max(1, floor(f / 2)) block means first
+    (a box of width q, variance (q^2 - 1) / 12 voxels^2, and q-fold fewer voxels), then the Gaussian of the remaining
+    variance ((f - 1) / 2)^2 - (q^2 - 1) / 12 on the decimated grid. Returns (image (B, C, *S // q), its grid: each
+    block's mean sits at the block's centre). A 256^3 head to 8 mm: 0.4 s instead of 3.6 s of full-size Gaussians
+    (load ~9). Trailing voxels that do not fill a block are dropped (at most q - 1 per axis)."""
+    nd = image.dim() - 2
+    f = np.asarray(factors, dtype=np.float64).reshape(-1)
+    f = np.repeat(f, nd) if f.size == 1 else f
+    q = np.maximum(1, np.floor(f / 2.0)).astype(int)
+    q = np.minimum(q, np.asarray(image.shape[2:]))
+    out, g = image, grid
+    if np.any(q > 1):
+        pool = F.avg_pool2d if nd == 2 else F.avg_pool3d
+        out = pool(image, kernel_size=tuple(int(v) for v in q), stride=tuple(int(v) for v in q))
+        step = np.eye(nd + 1)
+        step[:nd, :nd] = np.diag(q)
+        step[:nd, nd] = (q - 1) / 2.0
+        g = Grid(tuple(int(n) for n in out.shape[2:]), grid.affine @ step)
+    sigma = (f - 1.0) / 2.0
+    rest = np.sqrt(np.maximum(0.0, sigma**2 - (q.astype(np.float64) ** 2 - 1.0) / 12.0)) / q  # decimated voxels
+    return smooth_for_downsampling(out, 2.0 * rest + 1.0), g
+
+
 def resample_to_grid(image: torch.Tensor, src: Grid, dst: Grid, mode: str = "linear", padding: str = "zeros",
                      world: np.ndarray | None = None) -> torch.Tensor:
     """Image (B, C, *src.shape) -> (B, C, *dst.shape) through the two affines (and an optional world map)."""
