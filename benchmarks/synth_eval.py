@@ -16,9 +16,10 @@ percentiles, deepsim_rt.data.synth.robust_normalize):
              image's.
   head: the moving brain's head (colin27 ch2 with skull; fsaverage orig, an average head) vs its brain as the
         moving image, same fixed brains and labels (8 pairs);
-  refine (real xc): from the synthesis DeepSim_seg net's field, Adam refinement (deepsim_rt.refine, 2D defaults,
-             3 levels x 25 steps) with NCC, DeepSim_seg (the synthesis extractor), MIND-SSC and NMI; ANTs SyN with
-             mutual information (antspyx, from identity) as the classical reference.
+  refine (real xc): from the field of the net named by --refine-from, Adam refinement (deepsim_rt.refine,
+             2D defaults, 3 levels x 25 steps) with NCC, DeepSim_seg (the synthesis extractor), MIND-SSC and NMI
+             (lambda x --lam-scale, swept on synth-2d validation pairs: set "sweep"); ANTs SyN with mutual
+             information (antspyx, from identity) as the classical reference.
 No world-space pre-alignment is run beyond the common MNI grid (all brains are in MNI-like space; "identity" is
 that baseline).
 """
@@ -127,7 +128,7 @@ def _refine(moving, fixed, init, loss: str, extractor, lam_scale: float = 1.0):
     if loss in ("mind", "nmi"):
         fn = mind if loss == "mind" else nmi_loss
         orig = opt.level_similarity
-        opt.level_similarity = lambda cfg, fix, deepsim: (lambda w: fn(w, fix))
+        opt.level_similarity = lambda cfg, fix, *rest: (lambda w: fn(w, fix))  # any extra args (a mask): unused
         try:
             cfg = RefineConfig(loss="ncc", lam=4.0 * lam_scale, progress=False)
             return refine(moving, fixed, init=init, config=cfg).displacement
