@@ -260,6 +260,8 @@ def write_report(out: str | Path, path: str | Path | None = None, figures: str |
         pairs = sorted({r["pair"] for r in rows if r["grid"] == grid})
         shown = []
         for pair in pairs:
+            if "fsaverage" in pair:  # a picture of fsaverage's anatomy derives from FreeSurfer-licensed data
+                continue
             present = {r["method"] for r in rows if r["grid"] == grid and r["pair"] == pair}
             preferred = [m for m in ("affine", "net:default-3d", "net:default-2d", "net+refine", "ants:SyN",
                                      "ants:SyNOnlyCC") if m in present]
@@ -268,7 +270,8 @@ def write_report(out: str | Path, path: str | Path | None = None, figures: str |
             if _overlay(out / grid / pair, methods, fig):
                 shown.append(f"[{pair}]({_rel(fig, path)})")
         if shown:
-            lines += ["Overlays (axial slice through the fixed left thalamus): " + ", ".join(shown), ""]
+            lines += ["Overlays (axial slice through the fixed left thalamus; none for the fsaverage pairs, whose "
+                      "pictures would derive from FreeSurfer-licensed data): " + ", ".join(shown), ""]
     lines += data_section()
     text = "\n".join(lines) + "\n"
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
