@@ -31,10 +31,10 @@ from deepsim_rt.runtime import Registrator, bundled_model_path
 @pytest.fixture(scope="module")
 def packages(tmp_path_factory):
     d = tmp_path_factory.mktemp("aoti")
-    bundled3 = bundled_model_path("default-3d")
-    models = {2: random_regnet(2, seed=31), 3: load_source(bundled3, "registration", None)[0].eval()}
+    # 3D: 2 levels (multiple 4, serving sizes 5..8192): the serving graph's batch-1 plan is the same as at 3 levels
+    models = {2: random_regnet(2, seed=31), 3: random_regnet(3, seed=32, enc_channels=(4, 8), dec_channels=(8, 4))}
     ckpt = save_model(d / "reg2.safetensors", models[2])
-    out = {2: export_aoti(ckpt, d / "reg2.pt2"), 3: export_aoti(bundled3, d / "reg3.pt2")}
+    out = {2: export_aoti(ckpt, d / "reg2.pt2"), 3: export_aoti(models[3], d / "reg3.pt2")}
     return models, out
 
 
@@ -77,17 +77,28 @@ def _serving_errors(package, model, size, batches, seed=0):
     return out
 
 
-def test_3d_serving_package_exact_at_batch_1_2_3_bundled_widths(packages):
-    """Issue 18 #1: the 3D serving package of the bundled default-3d net (16/32/64 channels) was exact at batch 2
-    and 1.09 voxels off at batch 1 (a tiny random net: 9.9), the export being specialised for batch >= 2 with
-    AOTInductor's check_lowerbound switched off. Exported with backed_size_oblivious and the guard on: batch 1, 2,
-    3 exact, at the repro's size 13x21x29 and an anisotropic one."""
+def test_3d_serving_package_exact_at_batch_1_2_3(packages):
+    """Issue 18 #1: the 3D serving package was exact at batch 2 and 1-11 voxels off at batch 1 (this net: 5.95),
+    the export being specialised for batch >= 2 with AOTInductor's check_lowerbound switched off. Exported with
+    backed_size_oblivious and the guard on (now the 3D default): batch 1, 2, 3 exact, at the issue's size 13x21x29
+    and an anisotropic one."""
     models, out = packages
     assert out[3].info.serving and out[3].info.extra["graph"] == "serving"  # the 3D default again
     run = load_package(out[3].path)
     for size in ((13, 21, 29), (21, 13, 10)):
         errs = _serving_errors(run, models[3], size, (1, 2, 3))
         assert max(max(e) for e in errs.values()) <= FP32_TOL, f"{size}: {errs}"
+
+
+@pytest.mark.slow
+def test_3d_serving_package_exact_at_batch_1_2_3_bundled_widths(tmp_path):
+    """The issue's case itself: the bundled default-3d net (16/32/64 channels), serving graph, 1.09 voxels off at
+    batch 1 before the fix. ~1.5-2 min (a 3D serving compile)."""
+    model = load_source(bundled_model_path("default-3d"), "registration", None)[0].eval()
+    res = export_aoti(bundled_model_path("default-3d"), tmp_path / "serving3.pt2")
+    assert res.info.serving and res.report.max_abs <= FP32_TOL
+    errs = _serving_errors(load_package(res.path), model, (13, 21, 29), (1, 2, 3))
+    assert max(max(e) for e in errs.values()) <= FP32_TOL, errs
 
 
 # 3D: the serving package's axes are >= 9 (Registrator pads an axis of <= 8 voxels to 8, below that minimum)
@@ -115,7 +126,7 @@ def test_metadata_round_trips(packages):
     assert info.extra["device"] == "cpu" and info.extra["batchnorm"] == "folded"
     assert info.serving and info.intensity == "raw" and info.extra["precision"] == "fp32"
     info3 = AotiRunner(out[3].path, expect="registration").info
-    assert info3.cfg == models[3].cfg and info3.serving and len(info3.source_sha256) == 64
+    assert info3.cfg == models[3].cfg and info3.serving and info3.source_sha256 == ""
 
 
 def test_package_guards_every_call(packages):
@@ -164,8 +175,8 @@ def test_contract_and_device_errors(packages):
         runner(torch.rand(1, 1, 9, 9), torch.rand(1, 1, 9, 9))
     with pytest.raises(ValueError, match="expects 1 channel"):
         runner(torch.rand(1, 2, 9, 9, 9), torch.rand(1, 2, 9, 9, 9))
-    with pytest.raises(ValueError, match="serving graph takes spatial sizes 9..8192 per axis"):
-        runner(torch.rand(1, 1, 9, 9, 8), torch.rand(1, 1, 9, 9, 8))
+    with pytest.raises(ValueError, match="serving graph takes spatial sizes 5..8192 per axis"):
+        runner(torch.rand(1, 1, 9, 9, 4), torch.rand(1, 1, 9, 9, 4))
     with pytest.raises(ValueError, match="'registration' artifact, expected a 'metric'"):
         AotiRunner(out[3].path, expect="metric")
     with pytest.raises(ValueError, match="runs with backend 'aoti'"):
