@@ -189,17 +189,35 @@ class EagerBackend:
     """A RegNet in PyTorch: eager, or torch.compile'd with dynamic shapes (compile=True; first call compiles)."""
 
     def __init__(self, model: torch.nn.Module, device: torch.device, info: ArtifactInfo,
-                 compile: bool = False) -> None:
+                 compile: bool = False, cuda_graph: bool = False, graph_backend: Any = None) -> None:
+        if compile and cuda_graph:
+            raise ValueError("cuda_graph=True replays the eager network; it cannot be combined with compile=True")
         self.model = model.to(device).eval()
         self.device = device
         self.info = info
         self.name = "compile" if compile else "eager"
         # dynamic=True: one graph for every padded size instead of a recompile per new shape.
         self._fn = torch.compile(self.model, dynamic=True) if compile else self.model
+        # cuda_graph: one CUDA graph per input shape, replayed with one host call. At 2 mm (80x96x80) an inference
+        # is ~8 Triton launches + the network's ~40 cuDNN/ATen ones, each 10-40 us of host for 4-8 us of GPU work
+        # (benchmarks/launch_cost.py), so eager inference is launch-bound on a GPU. Off CUDA it runs eagerly.
+        self.cuda_graph = cuda_graph
+        self._graph_backend = graph_backend  # None: torch.cuda; tests pass a stand-in (kernels.cuda_graph)
+        self._graphs: dict[tuple, Any] = {}
 
     def __call__(self, moving: torch.Tensor, fixed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.inference_mode():
-            warped, disp = self._fn(moving, fixed)
+            if not self.cuda_graph:
+                return self._fn(moving, fixed)
+            from deepsim_rt.kernels.cuda_graph import GraphedCallable
+
+            key = (tuple(moving.shape), tuple(fixed.shape), moving.dtype, moving.device)
+            graphed = self._graphs.get(key)
+            if graphed is None:
+                # clone=True: the caller keeps its results past the next replay (the graph's own buffers are reused)
+                graphed = self._graphs[key] = GraphedCallable(lambda m, f: self._fn(m, f), clone=True,
+                                                              backend=self._graph_backend)
+            warped, disp = graphed(moving, fixed)
         return warped, disp
 
 
@@ -268,14 +286,17 @@ class Registrator:
     # -- construction ---------------------------------------------------------------------------------------------
     @classmethod
     def from_model(cls, model: torch.nn.Module, backend: str = "eager", device: str | torch.device | None = "auto",
-                   source_sha256: str = "", model_spacing: tuple[float, ...] | None = None) -> Registrator:
+                   source_sha256: str = "", model_spacing: tuple[float, ...] | None = None,
+                   cuda_graph: bool = False) -> Registrator:
         """Wrap an in-memory RegNet (e.g. straight out of training): backend "eager" or "compile".
-        model_spacing: the voxel spacing (mm per axis) it was trained at, for register(..., spacing=...)."""
+        model_spacing: the voxel spacing (mm per axis) it was trained at, for register(..., spacing=...).
+        cuda_graph: eager backend on CUDA: capture the network once per input shape and replay it."""
         if backend not in ("eager", "compile"):
             raise ValueError(f"from_model supports backend 'eager' or 'compile', got {backend!r}; export the model "
                              "(deepsim_rt.export) or save it and use Registrator.load for the others")
         info = _registration_info(model, source_sha256)
-        return cls(EagerBackend(model, _resolve_device(device), info, compile=backend == "compile"),
+        return cls(EagerBackend(model, _resolve_device(device), info, compile=backend == "compile",
+                                cuda_graph=cuda_graph),
                    source=f"<in-memory {type(model).__name__}>", model_spacing=model_spacing)
 
     @classmethod
@@ -287,7 +308,7 @@ class Registrator:
     @classmethod
     def load(cls, model: str | os.PathLike = "default-2d", backend: str = "auto",
              device: str | torch.device | None = "auto", cache_dir: str | os.PathLike | None = None,
-             threads: int | None = None, verify: bool = True) -> Registrator:
+             threads: int | None = None, verify: bool = True, cuda_graph: bool = False) -> Registrator:
         """Load a registration model.
 
         model: "default-2d" | "default-3d" (bundled weights) or a path to .safetensors / .onnx / .pt2 / .plan.
@@ -300,6 +321,8 @@ class Registrator:
             graph given normalized, padded inputs returns the network's output unchanged (export.serving).
         device: "auto" (CUDA when available, else CPU), "cpu", "cuda[:i]".
         threads: intra-op threads for ONNX Runtime (None: its default).
+        cuda_graph: backend "eager" on CUDA only: the network is captured in a CUDA graph per input shape and
+            replayed (one host call per inference instead of dozens of launches); elsewhere it runs eagerly.
         """
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -307,6 +330,8 @@ class Registrator:
         suffix = path.suffix
         if backend == "auto":
             backend = _SUFFIX_BACKEND[suffix]
+        if cuda_graph and backend != "eager":
+            raise ValueError(f"cuda_graph=True needs backend 'eager' (it replays the PyTorch network), got {backend!r}")
         dev = _resolve_device(device)
         if backend == "onnxruntime" and device in (None, "auto") and dev.type == "cuda":
             # torch sees a GPU, but the installed onnxruntime may be a CPU build (the lent GPU box's is)
@@ -326,8 +351,8 @@ class Registrator:
             info = _registration_info(net, file_sha256(path))
             spacing = read_spacing(path)
             if backend in ("eager", "compile"):
-                return cls(EagerBackend(net, dev, info, compile=backend == "compile"), source=str(path),
-                           model_spacing=spacing)
+                return cls(EagerBackend(net, dev, info, compile=backend == "compile", cuda_graph=cuda_graph),
+                           source=str(path), model_spacing=spacing)
             path = _export_for_backend(path, backend, dev, cache_dir, verify)
         if path.suffix == ".pt2" and device in (None, "auto"):
             dev = None  # a package runs on the device type it was compiled for: let it say which
