@@ -121,19 +121,12 @@ def run_net(net, norm: str, moving: torch.Tensor, fixed: torch.Tensor) -> torch.
 
 
 def _refine(moving, fixed, init, loss: str, extractor, lam_scale: float = 1.0):
-    import deepsim_rt.refine.optimize as opt
-    from deepsim_rt.losses import mind, nmi_loss
     from deepsim_rt.refine import RefineConfig, refine
 
     if loss in ("mind", "nmi"):
-        fn = mind if loss == "mind" else nmi_loss
-        orig = opt.level_similarity
-        opt.level_similarity = lambda cfg, fix, *rest: (lambda w: fn(w, fix))  # any extra args (a mask): unused
-        try:
-            cfg = RefineConfig(loss="ncc", lam=4.0 * lam_scale, progress=False)
-            return refine(moving, fixed, init=init, config=cfg).displacement
-        finally:
-            opt.level_similarity = orig
+        # lam = NCC's 4.0 x --lam-scale (the sweep chose 0.2, now refine.config.LAM_SCALE's default for both)
+        cfg = RefineConfig(loss=loss, lam=4.0 * lam_scale, progress=False)
+        return refine(moving, fixed, init=init, config=cfg).displacement
     scale = {"ncc": 1.0, "deepsim_seg": 0.5}[loss] * lam_scale  # refine.config.LAM_SCALE
     cfg = RefineConfig(loss=loss, progress=False, lam=4.0 * scale)
     return refine(moving, fixed, init=init, config=cfg, extractor=extractor if loss.startswith("deepsim") else None

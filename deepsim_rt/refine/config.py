@@ -12,7 +12,7 @@ from typing import Any
 
 __all__ = ["RefineConfig", "REFINE_LOSSES", "DEFAULTS", "LAM_SCALE", "MIN_LEVEL_SIZE", "NO_MODEL", "MAX_ITERATIONS"]
 
-REFINE_LOSSES = ("ncc", "mse", "deepsim_seg", "deepsim_ae")
+REFINE_LOSSES = ("ncc", "mse", "deepsim_seg", "deepsim_ae", "mind", "nmi")
 NO_MODEL = "none"  # the model name of pure optimisation from zero (`--model none --refine ITERS`): no network
 # Adam steps per level: the measured defaults are 25; 10000 per level is hours on a CPU for a 1 mm volume, so a
 # larger ITERS is a typo, refused before any work
@@ -31,7 +31,9 @@ DEFAULTS: dict[int, dict[str, Any]] = {
 # The default lam of the other losses, relative to NCC's. DeepSim: measured on 8 2D test pairs from the network
 # (bundled seg extractor): lam 2 -> Dice fg 0.839, 4 -> 0.834, 0.5 (image pyramid) -> 0.818, network 0.825; ae
 # takes seg's (not swept). MSE: the paper's brain-3D ratio to NCC (0.08), not swept.
-LAM_SCALE = {"ncc": 1.0, "mse": 0.08, "deepsim_seg": 0.5, "deepsim_ae": 0.5}
+# MIND-SSC / NMI (multimodal baselines, losses.multimodal): swept from zero on 8 synth-2d validation pairs (x1 / x0.2
+# of NCC's lam): x0.2 -> Dice 0.403 (MIND) / 0.353 (NMI) at ~0.1 % folding (benchmarks/synth_eval.py, issue 19).
+LAM_SCALE = {"ncc": 1.0, "mse": 0.08, "deepsim_seg": 0.5, "deepsim_ae": 0.5, "mind": 0.2, "nmi": 0.2}
 
 
 def _h(text: str) -> dict:
@@ -57,7 +59,8 @@ class RefineConfig:
     loss: str | None = field(default=None, metadata=_h(f"similarity: {', '.join(REFINE_LOSSES)} "
                                                        f"({_default_help('loss')})"))
     lam: float | None = field(default=None, metadata=_h(f"diffusion regulariser weight ({_default_help('lam')} for "
-                                                         "ncc; x0.08 mse, x0.5 deepsim_seg / deepsim_ae)"))
+                                                         "ncc; x0.08 mse, x0.5 deepsim_seg / deepsim_ae, "
+                                                         "x0.2 mind / nmi)"))
     levels: int = field(default=3, metadata=_h("pyramid levels, each halving every axis (1: full resolution only)"))
     lr: float | None = field(default=None, metadata=_h(f"Adam learning rate, voxels of the level "
                                                        f"({_default_help('lr')})"))

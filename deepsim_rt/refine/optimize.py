@@ -28,9 +28,10 @@ from deepsim_rt._checks import check_displacement, check_same_device
 from deepsim_rt.kernels import integrate, multilayer_cosine, warp
 from deepsim_rt.losses import DeepSimLoss
 from deepsim_rt.losses._inputs import check_image_pair
+from deepsim_rt.losses.multimodal import nmi_loss
 from deepsim_rt.refine.config import RefineConfig
 from deepsim_rt.refine.pyramid import bending_energy, downsample_image, level_sizes, resample_field
-from deepsim_rt.refine.terms import FixedNCC, diffusion_term, masked_mean, mse_term
+from deepsim_rt.refine.terms import FixedMIND, FixedNCC, diffusion_term, masked_mean, mse_term
 from deepsim_rt.transforms.pad import pad_to_multiple
 
 __all__ = ["refine", "RefineResult", "NonFiniteLossError", "load_extractor", "model_extractor", "level_step",
@@ -101,6 +102,13 @@ def level_similarity(cfg: RefineConfig, fixed: torch.Tensor, deepsim: DeepSimLos
         return FixedNCC(fixed, cfg.ncc_window, mask=mask)
     if cfg.loss == "mse":
         return lambda warped: mse_term(warped, fixed, mask)
+    if cfg.loss == "mind":
+        return FixedMIND(fixed, mask=mask)
+    if cfg.loss == "nmi":
+        if mask is not None:
+            raise ValueError("refine loss nmi compares whole-image histograms and takes no mask; use ncc, mse, mind "
+                             "or deepsim_* with --fixed-mask / --moving-mask")
+        return lambda warped: nmi_loss(warped, fixed)
     # DeepSim: the extractors take sizes that are multiples of 2**stages; replicate-pad both images (the padded
     # rim is where `border` warping puts the edge voxels anyway).
     multiple = getattr(getattr(deepsim.extractor, "cfg", None), "spatial_multiple", 1)

@@ -14,8 +14,9 @@ import math
 import torch
 
 from deepsim_rt.losses.intensity import DEFAULT_NCC_EPS, _box_sum, _window
+from deepsim_rt.losses.multimodal import mind_ssc
 
-__all__ = ["FixedNCC", "mse_term", "diffusion_term", "masked_mean"]
+__all__ = ["FixedNCC", "FixedMIND", "mse_term", "diffusion_term", "masked_mean"]
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -56,6 +57,24 @@ class FixedNCC:
         cross = s_ij - s_i * self.s_j / self.n
         var_i = s_ii - s_i * s_i / self.n
         return 1.0 - masked_mean(cross * cross / (var_i * self.var_j).clamp_min(self.eps), self.mask)
+
+
+class FixedMIND:
+    """loss(warped) = mean squared difference of MIND-SSC descriptors (= deepsim_rt.losses.mind), the fixed image's
+    descriptor computed once. fixed: (B, C, *S); every channel is described separately. mask: (B, 1, *S) or None,
+    as `masked_mean` (voxels outside count 0)."""
+
+    def __init__(self, fixed: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+        self.shape = tuple(fixed.shape)
+        with torch.no_grad():
+            self.fixed_desc = mind_ssc(fixed.flatten(0, 1).unsqueeze(1))
+        self.mask = None if mask is None else mask.repeat_interleave(fixed.shape[1], dim=0)
+
+    def __call__(self, warped: torch.Tensor) -> torch.Tensor:
+        if tuple(warped.shape) != self.shape:
+            raise ValueError(f"warped must have the fixed image's shape {self.shape}, got {tuple(warped.shape)}")
+        diff = (mind_ssc(warped.flatten(0, 1).unsqueeze(1)) - self.fixed_desc).square()
+        return masked_mean(diff.mean(dim=1, keepdim=True), self.mask)
 
 
 def mse_term(warped: torch.Tensor, fixed: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
