@@ -33,7 +33,7 @@ def _save(fig, path: str | Path) -> Path:
 
 def dice_boxplot(rows_by_method: dict[str, list[dict]], path: str | Path, title: str = "") -> Path:
     """Box plot of the per-pair foreground Dice of each method (one box per method, points overlaid)."""
-    from deepsim_rt.evaluate.study import LABELS
+    from deepsim_rt.evaluate.study_config import LABELS
 
     plt = _plt()
     names = list(rows_by_method)

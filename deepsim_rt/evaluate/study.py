@@ -34,7 +34,7 @@ from deepsim_rt.evaluate.metrics import (
     folding_fraction,
     std_log_jacobian,
 )
-from deepsim_rt.evaluate.study_config import STUDY_LOSSES, StudyConfig
+from deepsim_rt.evaluate.study_config import LABELS, STUDY_LOSSES, StudyConfig
 from deepsim_rt.nn import atomic_write, load_model
 from deepsim_rt.train.config import DEFAULT_LAMBDAS, FeatureTrainConfig, RegistrationTrainConfig
 from deepsim_rt.train.data import DataSource, open_source, pad_to_multiple
@@ -52,8 +52,6 @@ __all__ = [
     "STUDY_LOSSES",
 ]
 
-LABELS = {"none": "no registration", "mse": "MSE", "ncc": "NCC", "ncc_sup": "NCC_sup", "vgg": "VGG",
-          "deepsim_ae": "DeepSim_ae", "deepsim_seg": "DeepSim_seg"}
 
 # register(moving (1, C, *S), fixed (1, C, *S)) -> displacement (1, ndim, *S)
 RegisterFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]

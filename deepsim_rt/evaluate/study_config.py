@@ -6,7 +6,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["StudyConfig", "STUDY_LOSSES"]
+__all__ = ["StudyConfig", "STUDY_LOSSES", "LABELS"]
+
+# How each method is named in tables and plots (study tables, evaluate.figures.dice_boxplot).
+LABELS = {"none": "no registration", "mse": "MSE", "ncc": "NCC", "ncc_sup": "NCC_sup", "vgg": "VGG",
+          "deepsim_ae": "DeepSim_ae", "deepsim_seg": "DeepSim_seg"}
 
 STUDY_LOSSES = ("mse", "ncc", "ncc_sup", "vgg", "deepsim_ae", "deepsim_seg")
 
