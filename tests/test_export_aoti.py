@@ -191,6 +191,11 @@ def test_bad_files(packages, tmp_path):
     for name in ("trunc.pt2", "junk.pt2"):
         with pytest.raises(ValueError, match="not an AOTInductor .pt2 package"):
             Registrator.load(tmp_path / name)
+    # a valid zip that is no .pt2 (torch's loader printed 15 lines for it): one line naming the expected layout
+    with zipfile.ZipFile(tmp_path / "plain.pt2", "w") as zf:
+        zf.writestr("notes/readme.txt", "hello")
+    with pytest.raises(ValueError, match="is a zip but not an AOTInductor .pt2 package: expected .*archive_format"):
+        Registrator.load(tmp_path / "plain.pt2")
     # flip bytes inside a member: the zip is intact but a CRC fails
     bad = bytearray(data)
     with zipfile.ZipFile(out[2].path) as zf:

@@ -8,7 +8,6 @@ import zipfile
 
 import pytest
 
-from deepsim_rt.export import cli as export_cli
 from deepsim_rt.export._io import check_out_path, check_pt2_package
 
 
@@ -50,9 +49,6 @@ def _one_line_refusal(code: int, text: str, expected: str) -> None:
     (["--format", "onnx", "--precision", "bf16"], "expected --no-verify with bf16"),
     (["--format", "onnx", "--precision", "bf16", "--opset", "21", "--no-verify"], "from opset 22), got 21"),
     (["--format", "tensorrt", "--precision", "bf16"], "fp32 or fp16 engines, got --precision bf16"),
-    pytest.param(["--format", "aoti", "--model", "default-3d", "--graph", "serving"], "expected --graph full",
-                 marks=pytest.mark.skipif(export_cli.AOTI_SERVING_3D, reason="AOTI_SERVING_3D: 3D serving packages "
-                                          "are verified (export.aoti), nothing to refuse")),
     (["--format", "triton-repo", "--name", "a b"], "--name must be letters"),
 ])
 def test_bad_arguments_are_refused_before_any_export(argv, expected, run_cli, tmp_path, no_export):
@@ -90,13 +86,12 @@ def test_triton_repo_model_folder_is_refused_before_the_export(run_cli, tmp_path
 
 
 def test_graph_defaults_follow_the_format(run_cli, tmp_path, no_export):
-    """No --graph: serving, except 3D AOTInductor packages while export_cli.AOTI_SERVING_3D is False (full: the
-    serving package failed its verification)."""
+    """No --graph: the serving graph for every format and dimensionality (3D AOTInductor too, since its packages are
+    exact at batch 1: export.aoti, issue 18 #1)."""
     assert run_cli("export", "--format", "aoti", "--model", "default-3d", "--out", str(tmp_path / "a.pt2"))[0] == 0
     assert run_cli("export", "--format", "aoti", "--model", "default-2d", "--out", str(tmp_path / "b.pt2"))[0] == 0
     assert run_cli("export", "--format", "onnx", "--model", "default-3d", "--out", str(tmp_path / "c.onnx"))[0] == 0
-    aoti_3d = "serving" if export_cli.AOTI_SERVING_3D else "full"
-    assert [(n, kw["graph"]) for n, kw in no_export] == [("aoti", aoti_3d), ("aoti", "serving"), ("onnx", "serving")]
+    assert [(n, kw["graph"]) for n, kw in no_export] == [("aoti", "serving"), ("aoti", "serving"), ("onnx", "serving")]
     assert run_cli("export", "--format", "onnx", "--artifact", "metric", "--out", str(tmp_path / "m.onnx"))[0] == 0
     assert no_export[-1][1]["graph"] is None  # the graph choice exists for registration artifacts only
 

@@ -180,12 +180,11 @@ def _reference(net: nn.Module, dev: torch.device) -> nn.Module:
 
 
 def _check_archive(path: Path) -> None:
-    """Reject a missing / truncated / corrupt package before the native loader sees it (it may abort otherwise)."""
-    if not path.is_file():
-        raise ValueError(f"AOTInductor package not found: {str(path)!r}")
-    if not zipfile.is_zipfile(path):
-        raise ValueError(f"{str(path)!r} is not an AOTInductor .pt2 package (not a zip archive: corrupt or "
-                         "truncated?)")
+    """Reject a missing / truncated / corrupt package, or a zip that is no .pt2, before the native loader sees it
+    (it may abort, or print 15 lines, otherwise)."""
+    from deepsim_rt.export._io import check_pt2_package
+
+    check_pt2_package(path)  # exists, is a zip, has the .pt2 layout
     try:
         with zipfile.ZipFile(path) as zf:
             bad = zf.testzip()

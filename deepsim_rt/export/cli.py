@@ -14,7 +14,7 @@ half precision inside the graph (ONNX, AOTInductor, TensorRT strongly typed buil
 Every export is checked against PyTorch on random and real (atlas) inputs at sizes other than the trace example;
 the measured max / mean error of every output is printed and the command fails (exit 2, nothing written) when any
 exceeds the tolerance it states (fp32: 1e-4; fp16: 2e-2; bf16: 5e-2). Every argument is validated before any export
-starts (tolerance, --out and its folder, the format's suffix, precision and graph rules, the checkpoint): an
+starts (tolerance, --out and its folder, the format's suffix, precision rules, the checkpoint): an
 existing output file or Triton model folder is refused unless --overwrite.
 """
 
@@ -50,10 +50,6 @@ def _print_report(report, tolerance: float) -> None:
     print(f"OK: every output within the stated tolerance {tolerance:.1g}")
 
 
-# 3D AOTInductor packages of the serving graph fail their own verification on CPU (deepsim_rt.export.aoti module
-# docstring: 17-23 voxels of error at untraced sizes), which the export found only after 60-99 s. The one place
-# this rule lives: set True once export.aoti verifies 3D serving packages.
-AOTI_SERVING_3D = False
 SUFFIXES = {"onnx": ".onnx", "aoti": ".pt2", "tensorrt": ".plan", "triton-repo": None}
 
 
@@ -91,8 +87,8 @@ def _check_args(args: argparse.Namespace) -> None:
 
 
 def _check_with_checkpoint(args: argparse.Namespace, src: Path) -> tuple[str | None, int]:
-    """The checks that need the checkpoint's config (read from its header, milliseconds): the opset, the graph of
-    a 3D AOTInductor package, the Triton model folders. Returns (graph to export, ndim)."""
+    """The checks that need the checkpoint's config (read from its header, milliseconds): the opset, the Triton model
+    folders. Returns (graph to export, ndim)."""
     from deepsim_rt.export.onnx import check_opset
     from deepsim_rt.nn.checkpoint import load_config
 
@@ -101,12 +97,7 @@ def _check_with_checkpoint(args: argparse.Namespace, src: Path) -> tuple[str | N
         check_opset(args.opset)
     graph = None
     if args.artifact == "registration":
-        aoti_3d = args.format == "aoti" and ndim == 3 and not AOTI_SERVING_3D
-        if args.graph == "serving" and aoti_3d:
-            raise ValueError("--format aoti --graph serving is not available for 3D models (the compiled serving "
-                             "graph fails its verification on CPU, deepsim_rt.export.aoti): expected --graph full "
-                             "for a 3D package, or --format onnx for a 3D serving graph")
-        graph = args.graph or ("full" if aoti_3d else "serving")
+        graph = args.graph or "serving"
     if args.format == "triton-repo":
         root = Path(args.out)
         name = args.name or f"deepsim_{args.artifact[:3]}_{ndim}d"
@@ -188,7 +179,7 @@ def add_subcommands(subparsers) -> None:
                    help="network precision inside the graph (default: %(default)s; TensorRT: fp32 / fp16)")
     p.add_argument("--graph", default=None, choices=("serving", "full"),
                    help="registration graph: raw images of any size (serving) or the network on normalized, "
-                        "padded inputs (full) (default: serving; 3D AOTInductor packages: full)")
+                        "padded inputs (full) (default: serving)")
     p.add_argument("--timing-cache", default=None, help="TensorRT timing cache file (read and updated)")
     p.add_argument("--tolerance", type=float, default=None,
                    help="max abs error allowed vs PyTorch, > 0 (default 1e-4 fp32, 2e-2 fp16, 5e-2 bf16)")
