@@ -134,12 +134,14 @@ def add_subcommands(subparsers) -> None:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--labels", default=None, help="label map of the moving image (warped with --label-mode)")
     p.add_argument("--fixed-mask", default=None, metavar="NIFTI",
-                   help="brain mask of the fixed image (non-zero = inside; NIfTI, any grid): restricts the QC "
-                        "statistics and the --refine similarity to it (with --moving-mask: their union); "
-                        "summary.json \"masks\" says what was used (default: none)")
+                   help="brain mask of the fixed image (non-zero = inside; NIfTI, any grid): the pre-alignment and "
+                        "the network see the fixed image times its mask (a head registers as its brain), and the QC "
+                        "statistics and the --refine similarity count the mask only (with --moving-mask: their "
+                        "union); summary.json \"masks\" says what was used (default: none)")
     p.add_argument("--moving-mask", default=None, metavar="NIFTI",
-                   help="brain mask of the moving image (NIfTI, any grid), put on the fixed grid through the "
-                        "affines and the pre-alignment (default: none)")
+                   help="brain mask of the moving image (NIfTI, any grid): the pre-alignment and the network see "
+                        "the moving image times its mask; the outputs warp the original image; put on the fixed "
+                        "grid through the affines and the pre-alignment for the QC and --refine (default: none)")
     p.add_argument("--label-mode", default=None, choices=("generic", "nearest"),
                    help="label warping: generic (ANTs genericLabel: each label's indicator linearly, arg-max) or "
                         "nearest (default: generic)")

@@ -1,4 +1,5 @@
-"""Masks (issue 20 item 3): --fixed-mask / --moving-mask restrict the refinement's similarity and the QC statistics.
+"""Masks (issue 20 item 3): --fixed-mask / --moving-mask strip their images for the pre-alignment and the network
+(a head registers as its brain) and restrict the refinement's similarity and the QC statistics.
 
 Known answers: a masked similarity is the plain one with the outside counted as 0; a difference outside the mask
 does not move the refined field; the CLI puts a mask from another grid onto the fixed grid, says what it used in
@@ -104,3 +105,34 @@ def test_cli_masks_from_another_grid_restrict_qc_and_refinement(tmp_path, run_cl
                        str(tmp_path / "o2"), "--moving-mask", str(tmp_path / "fmask.nii.gz"))
     assert rc == 2 and "--moving-mask needs NIfTI images" in text, text
     assert not (tmp_path / "o2").exists()
+
+
+def test_a_head_with_its_mask_registers_as_its_brain(tmp_path, run_cli):
+    """--moving-mask strips the head for the pre-alignment and the registration: the transform equals the one of
+    the brain file (the head times its mask) exactly, while warped.nii.gz still shows the original head (skull)."""
+    shape = (24, 20, 22)
+    aff = np.diag([2.0, 2.0, 2.0, 1.0])
+    brain_fix = _blob(shape, (12, 10, 11), 5) * 500
+    brain_mov = _blob(shape, (13, 9, 11), 5) * 500
+    ij = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float32) for n in shape], indexing="ij"))
+    r = np.sqrt(((ij - np.array([13, 9, 11], np.float32).reshape(3, 1, 1, 1)) ** 2).sum(0))
+    skull = ((r > 7.5) & (r < 9.5)).astype(np.float32) * 900  # a bright shell the fixed brain does not have
+    mask = (r <= 7.0).astype(np.uint8)
+    _nii(tmp_path / "head.nii.gz", (brain_mov * mask + skull).astype(np.float32), aff)
+    _nii(tmp_path / "brain.nii.gz", (brain_mov * mask).astype(np.float32), aff)
+    _nii(tmp_path / "mask.nii.gz", mask, aff)
+    _nii(tmp_path / "f.nii.gz", brain_fix.astype(np.float32), aff)
+    base = ["--fixed", str(tmp_path / "f.nii.gz"), "--model", "none", "--affine", "rigid", "--refine", "3",
+            "--refine-levels", "1", "--device", "cpu"]
+    rc, text = run_cli("register", "--moving", str(tmp_path / "head.nii.gz"), *base, "--out", str(tmp_path / "h"),
+                       "--moving-mask", str(tmp_path / "mask.nii.gz"))
+    assert rc == 0, text
+    rc, text = run_cli("register", "--moving", str(tmp_path / "brain.nii.gz"), *base, "--out", str(tmp_path / "b"),
+                       "--moving-mask", str(tmp_path / "mask.nii.gz"))
+    assert rc == 0, text
+    sh, sb = (json.loads((tmp_path / d / "summary.json").read_text()) for d in ("h", "b"))
+    assert sh["grid"]["affine"] == sb["grid"]["affine"]  # the pre-alignment's record, matrix included
+    wh, wb = (np.asarray(nib.load(tmp_path / d / "warped.nii.gz").dataobj) for d in ("h", "b"))
+    uh, ub = (np.asarray(nib.load(tmp_path / d / "warp.nii.gz").dataobj) for d in ("h", "b"))
+    np.testing.assert_array_equal(uh, ub)  # the same transform, bit for bit
+    assert wh.max() > 800 and wb.max() < 600  # the head's warped image keeps its skull; the brain's has none
