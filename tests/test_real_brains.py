@@ -300,7 +300,7 @@ def test_report_targets_from_hand_rows():
     assert ("net + refine (defaults) 0.700 vs best ANTs (ants:SyN) 0.680 mean Dice; CPU 1.5 s vs 20.0 s per pair "
             "(0.07 of its time; target ≥ and ≤ 0.10): met") in text
     assert "net:default-3d after affine 0.640 vs affine only 0.550 (+0.090; target ≥ +0.03): met" in text
-    assert "max 0.200 % (net+refine, a->b; target ≤ 0.1 %): NOT met" in text
+    assert "over the labelled pairs: max 0.200 % (net+refine, a->b; target ≤ 0.1 %): NOT met" in text
     assert "runs with an error: 1 of 7; b->a ants:SyN: RuntimeError: x" in text
     table = "\n".join(summary_table(rows, "labelled", "2mm"))
     assert "| affine only (ours: --model none --refine 0) | 2/2 | 0.550 |" in table  # mean over its pairs

@@ -124,7 +124,7 @@ def _plt():
 
 
 def _savefig(fig, path: Path) -> None:
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=80, bbox_inches="tight"))
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=70, bbox_inches="tight"))
     _plt().close(fig)
 
 
@@ -162,10 +162,12 @@ def _overlay(pair_dir: Path, methods: list[str], path: Path) -> bool:
             ax.contour(np.rot90(f), levels=[0.5], colors="lime", linewidths=0.7)
             ax.contour(np.rot90(w), levels=[0.5], colors="red", linewidths=0.7)
         else:
-            ax.contour(np.rot90(s["fixed"]), levels=3, colors="cyan", linewidths=0.4)
+            fx = np.rot90(s["fixed"])  # one outline of the fixed image (30 % of its max): keeps the PNG small
+            ax.contour(fx, levels=[0.3 * float(fx.max())], colors="cyan", linewidths=0.5)
         ax.set_title(m, fontsize=7)
         ax.axis("off")
-    fig.suptitle(f"{pair_dir.name}: warped moving (grey); structures fixed (green) / warped (red)", fontsize=7)
+    fig.suptitle(f"{pair_dir.name}: warped moving (grey); structures fixed (green) / warped (red); no labels: "
+                 "fixed outline (cyan)", fontsize=7)
     _savefig(fig, path)
     return True
 
@@ -213,14 +215,16 @@ def targets_section(rows: list[dict[str, Any]], grid: str) -> list[str]:
                          f"{'met' if v >= aff + 0.03 else 'NOT met'}")
     ours_rows = [r for r in rows if r["grid"] == grid and "error" not in r and not r["method"].startswith(("ants",
                                                                                                          "none"))]
-    if ours_rows:
-        worst = max(ours_rows, key=lambda r: r["folding_percent"])
-        lines.append(f"- folding of ours: max {worst['folding_percent']:.3f} % ({worst['method']}, {worst['pair']}; "
-                     f"target ≤ 0.1 %): {'met' if worst['folding_percent'] <= 0.1 else 'NOT met'}")
+    for what, rs in (("the labelled pairs", [r for r in ours_rows if r["tier"] == "labelled"]),
+                     ("every pair of this grid", ours_rows)):
+        if rs:
+            worst = max(rs, key=lambda r: r["folding_percent"])
+            lines.append(f"- folding of ours over {what}: max {worst['folding_percent']:.3f} % ({worst['method']}, "
+                         f"{worst['pair']}; target ≤ 0.1 %): {'met' if worst['folding_percent'] <= 0.1 else 'NOT met'}")
     errors = [r for r in rows if r["grid"] == grid and "error" in r]
     lines.append(f"- pair-method runs with an error: {len(errors)} of {len([r for r in rows if r['grid'] == grid])}"
                  + "".join(f"; {r['pair']} {r['method']}: {r['error']}" for r in errors))
-    return ["### Targets (labelled pairs)", "", *lines, ""] if lines else []
+    return ["### Targets", "", *lines, ""] if lines else []
 
 
 def write_report(out: str | Path, path: str | Path | None = None, figures: str | Path | None = None) -> Path:
