@@ -47,8 +47,8 @@ def structure_dice(pred: np.ndarray, true: np.ndarray, ids: Sequence[int]) -> di
         raise ValueError(f"label ids must be >= 0, got minimum {lo}")
     lut = np.zeros(hi + 1, dtype=np.int64)
     lut[ids] = np.arange(1, len(ids) + 1)
-    p = torch.from_numpy(lut[pred]).reshape(1, 1, -1)
-    t = torch.from_numpy(lut[true]).reshape(1, 1, -1)
+    p = torch.from_numpy(lut[pred]).reshape(1, 1, 1, 1, -1)  # dice_per_class takes (B, 1, *S), S 2D or 3D
+    t = torch.from_numpy(lut[true]).reshape(1, 1, 1, 1, -1)
     d = dice_per_class(p, t, len(ids) + 1)[0, 1:].tolist()
     return dict(zip(ids, d, strict=True))
 
