@@ -11,7 +11,19 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["atomic_write", "full_suffix", "gzip_compress", "write_nifti", "GZIP_BACKEND"]
+__all__ = ["atomic_write", "full_suffix", "gzip_compress", "write_nifti", "GZIP_BACKEND", "cache_root", "ENV_CACHE"]
+
+ENV_CACHE = "DEEPSIM_RT_CACHE"
+
+
+def cache_root() -> Path:
+    """The package's cache folder, shared by the export cache and the real-brain data: $DEEPSIM_RT_CACHE, else
+    $XDG_CACHE_HOME/deepsim_rt, else ~/.cache/deepsim_rt (not created here)."""
+    env = os.environ.get(ENV_CACHE)
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "deepsim_rt"
 
 
 def _gzip_backend():

@@ -32,13 +32,8 @@ FLOORS: tuple[tuple[str, ...], ...] = (
 CLI_FLOOR = len(FLOORS) - 1
 # Circles known and owned elsewhere: (a, b) module pairs, each with why it is not fixed. None today.
 KNOWN_CIRCLES: set[frozenset[str]] = set()
-# Imports up a floor known and owned elsewhere this round: (importer, imported). Each names its fix.
-KNOWN_UPWARD = {
-    # the cache folder rule (export.cache.default_cache_dir) belongs on floor 0 (deepsim_rt._io); its owners move it
-    ("deepsim_rt.data.real_brains", "deepsim_rt.export.cache"),
-    # a fallback import for the layout before deepsim_rt.pipeline (run_register lived in register_cli); drop it
-    ("deepsim_rt.realbench.runner", "deepsim_rt.register_cli"),
-}
+# Imports up a floor known and owned elsewhere: (importer, imported), each with its fix. None today.
+KNOWN_UPWARD: set[tuple[str, str]] = set()
 
 
 def _modules() -> dict[str, Path]:

@@ -185,7 +185,7 @@ LABELLED = ("colin27", "fsaverage", "cat12")
 
 def default_cache() -> Path:
     """$DEEPSIM_RT_CACHE, else $XDG_CACHE_HOME/deepsim_rt, else ~/.cache/deepsim_rt (as the export cache)."""
-    from deepsim_rt.export.cache import cache_root
+    from deepsim_rt._io import cache_root
 
     return Path(cache_root())
 

@@ -17,19 +17,11 @@ from pathlib import Path
 
 import torch
 
+from deepsim_rt._io import ENV_CACHE, cache_root  # the folder rule lives on floor 0 (shared with data)
+
 __all__ = ["cache_root", "cache_path", "cached_export", "ENV_CACHE"]
 
-ENV_CACHE = "DEEPSIM_RT_CACHE"
 _SUFFIX = {"onnxruntime": ".onnx", "aoti": ".pt2", "tensorrt": ".plan"}
-
-
-def cache_root() -> Path:
-    """$DEEPSIM_RT_CACHE, else $XDG_CACHE_HOME/deepsim_rt, else ~/.cache/deepsim_rt (not created here)."""
-    env = os.environ.get(ENV_CACHE)
-    if env:
-        return Path(env).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "deepsim_rt"
 
 
 def cache_path(root: Path, sha256: str, backend: str, device: torch.device) -> Path:

@@ -163,11 +163,8 @@ def _git_sha() -> str:
 
 
 def _run_register():
-    # D moves run_register into deepsim_rt.pipeline (same signature); follow it wherever it lives
-    try:
-        from deepsim_rt.pipeline.register import run_register
-    except ImportError:  # pragma: no cover - before the pipeline package
-        from deepsim_rt.register_cli import run_register
+    from deepsim_rt.pipeline.register import run_register  # the file pipeline, as `deepsim-rt register` runs it
+
     return run_register
 
 
