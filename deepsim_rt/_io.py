@@ -6,14 +6,25 @@ the writer fills a temporary file beside the target, which is renamed over the t
 
 from __future__ import annotations
 
+import hashlib
 import os
 import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["atomic_write", "full_suffix", "gzip_compress", "write_nifti", "GZIP_BACKEND", "cache_root", "ENV_CACHE"]
+__all__ = ["atomic_write", "full_suffix", "gzip_compress", "write_nifti", "GZIP_BACKEND", "cache_root", "ENV_CACHE",
+           "file_sha256"]
 
 ENV_CACHE = "DEEPSIM_RT_CACHE"
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The sha256 hex digest of a file, read in 1 MiB chunks (checkpoints, downloaded archives)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def cache_root() -> Path:

@@ -44,10 +44,11 @@ import numpy as np
 import torch
 
 from deepsim_rt._checks import check_choice
+from deepsim_rt._io import file_sha256
 from deepsim_rt.export.metadata import ArtifactInfo
 from deepsim_rt.export.serving import minmax_normalize  # one definition, shared with the serving graphs
 from deepsim_rt.kernels import warp
-from deepsim_rt.nn.checkpoint import file_sha256, load_model
+from deepsim_rt.nn.checkpoint import load_model
 from deepsim_rt.nn.config import NetConfig
 from deepsim_rt.refine.config import NO_MODEL, RefineConfig
 from deepsim_rt.transforms.pad import crop, pad_amounts, pad_to_multiple  # re-exported: runtime callers

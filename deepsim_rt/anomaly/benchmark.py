@@ -25,14 +25,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from deepsim_rt._io import atomic_write
+from deepsim_rt._io import atomic_write, file_sha256
 from deepsim_rt.anomaly.config import ChangeEvalConfig
 from deepsim_rt.anomaly.detector import load_extractor, resolve_extractor
 from deepsim_rt.anomaly.roc import roc_auc
 from deepsim_rt.anomaly.scores import COMBINE, JACOBIAN_FLOOR, change_maps
 from deepsim_rt.data.changes import ChangeBenchmark
 from deepsim_rt.data.synthetic import gaussian_blur
-from deepsim_rt.nn.checkpoint import file_sha256
 from deepsim_rt.runtime import Registrator, minmax_normalize, resolve_model
 
 __all__ = ["ChangeEvalConfig", "evaluate_changes", "METHODS", "HEADLINE", "markdown_table", "TIE_P"]

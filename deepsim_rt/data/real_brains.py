@@ -40,7 +40,6 @@ reached, a missing client (pip / apt-get) or a checksum mismatch is one ValueErr
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
@@ -55,11 +54,11 @@ from pathlib import Path
 
 import numpy as np
 
-from deepsim_rt._io import atomic_write
+from deepsim_rt._io import atomic_write, file_sha256
 
 __all__ = ["RealBrain", "Source", "SOURCES", "STRUCTURES", "AAL_TO_ASEG", "BRAINS", "LABELLED", "ensure_real_brains",
            "fetch_source", "real_brains_dir", "block_downsample", "downsampled", "relabel_aal", "shared_labels",
-           "sha256_file", "main"]
+           "main"]
 
 FORMAT_VERSION = "v1"
 
@@ -195,14 +194,6 @@ def real_brains_dir(cache: str | os.PathLike | None = None) -> Path:
     return Path(cache if cache is not None else default_cache()) / "real_brains" / FORMAT_VERSION
 
 
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _last_line(text: str) -> str:
     lines = [ln.strip() for ln in (text or "").splitlines() if ln.strip()]
     errors = [ln for ln in lines if ln.startswith(("E:", "ERROR:"))]
@@ -256,7 +247,7 @@ def fetch_source(src: Source, downloads: Path, pip: list[str] | None = None, apt
                 found = ", ".join(p.name for p in tmpd.iterdir() if p.is_file()) or "nothing"
                 raise ValueError(f"cannot fetch {what}: the client saved {found}, expected {src.filename}")
             os.replace(got, path)
-    digest = sha256_file(path)
+    digest = file_sha256(path)
     if digest != src.sha256:
         bad = path.with_name(path.name + ".bad-sha256")
         os.replace(path, bad)
@@ -513,7 +504,7 @@ def ensure_real_brains(cache: str | os.PathLike | None = None, names: tuple[str,
                                                  "licence": src.licence, "committed": src.committed}
         for b in members:
             for p in _files(b):
-                manifest["files"][p.name] = sha256_file(p)
+                manifest["files"][p.name] = file_sha256(p)
         if verbose:
             print(f"  {group}: {', '.join(p.name for b in members for p in _files(b))} "
                   f"({time.perf_counter() - t0:.1f} s)")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from deepsim_rt._io import ENV_CACHE, cache_root  # the folder rule lives on floor 0 (shared with data)
+from deepsim_rt._io import ENV_CACHE, cache_root, file_sha256  # the folder rule lives on floor 0 (shared with data)
 
 __all__ = ["cache_root", "cache_path", "cached_export", "ENV_CACHE"]
 
@@ -56,7 +56,6 @@ def cached_export(checkpoint: str | os.PathLike, backend: str, device: torch.dev
     """The cached registration artifact of the RegNet checkpoint `checkpoint` (.safetensors) for `backend` on
     `device`; exported from the checkpoint (so its hash and training metadata travel into the artifact) and verified
     unless verify=False, when absent or stale. Returns its path."""
-    from deepsim_rt.nn.checkpoint import file_sha256
 
     sha = file_sha256(checkpoint)
     root = cache_root() if root is None else Path(root)

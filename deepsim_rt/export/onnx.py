@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from deepsim_rt._io import file_sha256
 from deepsim_rt.export.metadata import ArtifactInfo, build_metadata, io_names, parse_metadata
 from deepsim_rt.export.verify import (
     VerifyReport,
@@ -41,7 +42,7 @@ from deepsim_rt.export.verify import (
     verify_sizes,
 )
 from deepsim_rt.export.wrappers import GRAPHS, default_graph, prepare_for_export, wrap
-from deepsim_rt.nn.checkpoint import atomic_write, file_sha256, load_model
+from deepsim_rt.nn.checkpoint import atomic_write, load_model
 from deepsim_rt.nn.config import NetConfig
 
 __all__ = ["ExportError", "OnnxExport", "export_onnx", "read_onnx_info", "default_opset", "load_source",

@@ -13,7 +13,6 @@ Writes go to a temporary file in the same directory, then os.replace: an interru
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -32,14 +31,6 @@ FORMAT = "deepsim_rt.model"
 FORMAT_VERSION = "1"
 SPACING_KEY = "spacing_mm"
 GRID_KEY = "train_grid"
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def save_model(path: str | os.PathLike, model: torch.nn.Module, extra: dict[str, str] | None = None) -> Path:
