@@ -40,6 +40,7 @@ from deepsim_rt.data.synth import SynthConfig, render_pair, robust_normalize
 from deepsim_rt.evaluate.metrics import dice_foreground, folding_fraction
 from deepsim_rt.kernels import warp
 from deepsim_rt.nn import load_model
+from deepsim_rt.realbench.contrast import t2_like  # the one T2-like map, shared with evaluate-real --contrast
 from deepsim_rt.train.data import minmax
 
 SLICES_MM = (4.0, 8.0)
@@ -47,22 +48,6 @@ REAL = ("colin27", "fsaverage", "cat12")
 
 
 # ------------------------------------------------------------------------------------------------ real slices
-def _kmeans3(v: np.ndarray) -> np.ndarray:
-    c = np.percentile(v, [15, 50, 85])
-    for _ in range(30):
-        lab = np.argmin(np.abs(v[:, None] - c[None]), axis=1)
-        c = np.array([v[lab == k].mean() if np.any(lab == k) else c[k] for k in range(3)])
-    return np.sort(c)
-
-
-def t2_like(img: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """Non-monotone map of a robust-normalized T1 slice's own intensities (knots at its CSF / GM / WM means)."""
-    csf, gm, wm = _kmeans3(img[mask])
-    xs = np.array([0.0, 0.5 * csf, csf, gm, wm, max(1.0, wm + 1e-3)])
-    ys = np.array([0.0, 0.1, 1.0, 0.6, 0.3, 0.25])
-    return np.interp(img, xs, ys).astype(np.float32)
-
-
 def real_slices(cache: str | None) -> dict:
     """name -> list over SLICES_MM of (image (1, 1, H, W) robust-normalized, labels (1, 1, H, W) int64, mask)."""
     from scipy.ndimage import gaussian_filter, map_coordinates
