@@ -21,7 +21,7 @@ def _cmd(args: argparse.Namespace) -> int:
     pairs = runner.select_pairs(args.pairs)
     methods = runner.select_methods(args.methods)
     if not args.report_only:
-        rows = runner.run_benchmark(args.out, args.grid, pairs, methods, cache=args.cache)
+        rows = runner.run_benchmark(args.out, args.grid, pairs, methods, cache=args.cache, contrast=args.contrast)
         failed = [r for r in rows if "error" in r]
         for r in failed:
             print(f"  failed {r['pair']} {r['method']}: {r['error']}")
@@ -41,8 +41,11 @@ def add_subcommands(subparsers) -> None:
                    help="comma-separated pair names or sets: labelled, heads, unlabelled, 2d, all")
     p.add_argument("--methods", default="all",
                    help="comma-separated: none, affine, net:default-3d, net:default-3d-4mm, net:default-2d, "
-                        "net+refine, net+refine-long, none+refine, ants:Affine, ants:SyN, ants:SyNOnlyCC, ants:SyNCC, "
-                        "or all")
+                        "net+refine, net+refine-long, none+refine, net+refine:<deepsim_seg|ncc|mind|nmi>, ants:Affine, "
+                        "ants:SyN, ants:SyNOnlyCC, ants:SyNCC, or all")
+    p.add_argument("--contrast", default="t1", choices=("t1", "t2like"),
+                   help="t2like: every fixed 3D brain made T2-like from its own T1 intensities (realbench.contrast; "
+                        "cross-contrast pairs: use a separate --out)")
     p.add_argument("--cache", default=None, help="data cache root (default: $DEEPSIM_RT_CACHE or ~/.cache/deepsim_rt)")
     p.add_argument("--report", default=None, help="markdown report path (default: OUT/real_brains.md)")
     p.add_argument("--figures", default=None, help="figure folder (default: beside the report)")

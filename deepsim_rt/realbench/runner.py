@@ -36,6 +36,7 @@ from deepsim_rt.evaluate.real_metrics import (
     mean_dice,
     structure_dice,
 )
+from deepsim_rt.refine.config import LAM_SCALE
 
 __all__ = ["PairSpec", "Method", "PAIRS", "PAIR_SETS", "METHODS", "GRIDS", "select_pairs", "select_methods",
            "run_benchmark", "run_one"]
@@ -123,6 +124,9 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("ants:SyNOnlyCC", "ANTs Affine, then SyNOnly with CC (radius 4, 40x20x0)", "ants", ants="SyNOnly",
            extra={"after_affine": True, "syn_metric": "CC", "syn_sampling": 4, "reg_iterations": (40, 20, 0)}),
     Method("ants:SyNCC", "ANTs SyNCC (rigid + affine + SyN with CC, 2100x1200x1200x20)", "ants", ants="SyNCC"),
+    # cross-contrast (--contrast t2like): the default net, then refinement with each loss at its LAM_SCALE lambda
+    *(Method(f"net+refine:{loss}", f"default net + refine, {loss} (lam x{LAM_SCALE[loss]:g})", "ours",
+             model="default", refine={"loss": loss}) for loss in ("deepsim_seg", "ncc", "mind", "nmi")),
 )}
 
 
@@ -240,18 +244,21 @@ def _run_ants(m: Method, mov: Path, fix: Path, labels: Path | None, ndim: int, w
             "warped": r["warpedmovout"].numpy(), "warped_labels": None if wl is None else wl.numpy()}
 
 
-def run_one(pair: PairSpec, method: Method, brains: dict[str, rb.RealBrain], work: Path) -> dict[str, Any]:
-    """Run one method on one pair (files from `brains`), score it; -> the JSON-able row (arrays under "_slices")."""
+def run_one(pair: PairSpec, method: Method, brains: dict[str, rb.RealBrain], work: Path,
+            fixed_brains: dict[str, rb.RealBrain] | None = None) -> dict[str, Any]:
+    """Run one method on one pair (files from `brains`), score it; -> the JSON-able row (arrays under "_slices").
+    fixed_brains: where the fixed image comes from when it is not `brains` (--contrast t2like: the fixed brain made
+    T2-like, realbench.contrast); the local NCC and the figure slices still use the fixed brain of `brains`."""
     bm, bf = brains[pair.moving], brains[pair.fixed]
     mov = getattr(bm, pair.moving_part)
-    fix = getattr(bf, pair.fixed_part)
+    fix = getattr((fixed_brains or brains)[pair.fixed], pair.fixed_part)
     labels = bm.labels if pair.score.startswith("dice") else None
     ndim = bm.ndim
     if method.kind == "ours":
         res = _run_ours(method, mov, fix, labels, ndim, work)
     else:
         res = _run_ants(method, mov, fix, labels, ndim, work)
-    fixed_img, f_aff = _load(fix)
+    fixed_img, f_aff = _load(getattr(bf, pair.fixed_part))
     fixed_img = fixed_img.astype(np.float32)
     warped = np.asarray(res["warped"], dtype=np.float32).reshape(fixed_img.shape)
     row: dict[str, Any] = {"seconds": res["seconds"], "wall_seconds": res["wall_seconds"],
@@ -295,8 +302,12 @@ def _json_default(x: Any) -> Any:
 
 def run_benchmark(out: str | os.PathLike, grid: str = "2mm", pairs: list[PairSpec] | None = None,
                   methods: list[Method] | None = None, cache: str | os.PathLike | None = None,
-                  verbose: bool = True) -> list[dict[str, Any]]:
+                  verbose: bool = True, contrast: str = "t1") -> list[dict[str, Any]]:
     """Run every (pair, method) not yet done under OUT/<grid>/; -> every row there (done now or before).
+
+    contrast "t2like": every fixed 3D brain is replaced by its T2-like version (realbench.contrast.t2like_brain,
+    written under OUT/<grid>/_inputs/); rows are recorded with "contrast" and scored as usual (Dice of the moving
+    labels on the fixed labels; local NCC against the fixed brain's T1).
 
     One thread (torch and ITK). A method that fails is recorded with its error (one line) and counts as a failed
     pair-method; the run goes on (and a later run tries it again).
@@ -315,6 +326,13 @@ def run_benchmark(out: str | os.PathLike, grid: str = "2mm", pairs: list[PairSpe
     factor = GRIDS[grid]
     if factor > 1:
         brains = {n: (rb.downsampled(b, factor, root / "_inputs") if b.ndim == 3 else b) for n, b in brains.items()}
+    fixed_brains = None
+    if contrast != "t1":
+        from deepsim_rt.realbench.contrast import CONTRASTS, t2like_brain
+
+        if contrast not in CONTRASTS:
+            raise ValueError(f"contrast must be one of {', '.join(CONTRASTS)}, got {contrast!r}")
+        fixed_brains = {n: (t2like_brain(b, root / "_inputs") if b.ndim == 3 else b) for n, b in brains.items()}
     sha = _git_sha()
     rows = []
     for pair in pairs:
@@ -330,11 +348,13 @@ def run_benchmark(out: str | os.PathLike, grid: str = "2mm", pairs: list[PairSpe
                     continue
             row: dict[str, Any] = {"pair": pair.name, "tier": pair.tier, "method": method.name,
                                    "label": method.label, "grid": grid, "git": sha}
+            if contrast != "t1":
+                row["contrast"] = contrast
             dest.parent.mkdir(parents=True, exist_ok=True)
             t0 = time.perf_counter()
             with tempfile.TemporaryDirectory(prefix=".work-", dir=dest.parent) as work:
                 try:
-                    row.update(run_one(pair, method, brains, Path(work)))
+                    row.update(run_one(pair, method, brains, Path(work), fixed_brains))
                 except Exception as exc:  # noqa: BLE001 - a failed method is a result, recorded in one line
                     row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
                     row["traceback"] = traceback.format_exc(limit=3)
