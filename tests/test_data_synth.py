@@ -144,9 +144,79 @@ def test_shape_pairs_share_one_map_and_random_contrast():
     a, b = render_pair(cfg, "train", 0, 1)
     assert a.contrast == b.contrast == "random"
     assert a.labels.max() <= cfg.shape_labels - 1 and set(a.labels.unique().tolist()) <= set(range(7))
-    # validation pairs never use shapes (their labels are scored as tissue)
-    va, _ = render_pair(cfg, "val", 0, 1)
+    # validation pairs never use shapes (their labels are scored as tissue); with independent affines
+    # (pair_affine 1, the first round's pairs) each image is exactly render_subject's
+    va, vb = render_pair(dataclasses.replace(cfg, pair_affine=1.0), "val", 0, 1)
     assert torch.equal(va.labels, render_subject(cfg, "val", 0).labels)
+    assert torch.equal(vb.image, render_subject(cfg, "val", 1).image)
+
+
+def _affine_fit(u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Least-squares affine x -> A x + b of the map p -> p + u(p), u (2, H, W) voxels (exact when u is affine)."""
+    h, w = u.shape[1:]
+    p = torch.stack(torch.meshgrid(torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64),
+                                   indexing="ij")).flatten(1)
+    q = p + u.double().flatten(1)
+    x = torch.cat([p, torch.ones(1, p.shape[1], dtype=torch.float64)]).T  # (N, 3)
+    sol = torch.linalg.lstsq(x, q.T).solution.T  # (2, 3)
+    return sol[:, :2], sol[:, 2]
+
+
+@pytest.mark.parametrize("shapes", [0.0, 1.0], ids=["anatomy", "shapes"])
+def test_pair_affine_keeps_the_relative_affine_within_the_residual(shapes):
+    """pair_affine 0.2 (the default): each image's own affine is within 0.2 x the ranges (+-2 deg, +-2 %, +-2 mm);
+    the shared part cancels, so the pair's relative affine (a^-1 o b, fitted on the fields without the non-linear
+    part) rotates <= 4 deg, scales <= ~4 %, shifts the centre <= 2 x 2 mm per axis. The full jitter (pair_affine 1)
+    puts some of the same pairs much further apart; labels still move exactly with each image."""
+    cfg = dataclasses.replace(TINY, nonlinear_mm=0.0, shapes_prob=shapes)
+    assert SynthConfig().pair_affine == 0.2 and SynthConfig.preset("synth-2d-independent").pair_affine == 1.0
+    rel_rot = {}
+    for frac in (0.2, 1.0):
+        c = dataclasses.replace(cfg, pair_affine=frac)
+        rel_rot[frac] = []
+        for k in range(6):
+            a, b = render_pair(c, "train", k, k + 1)
+            for r in (a, b):
+                assert all(abs(d) <= 10.0 * frac + 1e-9 for d in r.info["rotate_deg"])
+                assert all(abs(s) <= 10.0 * frac + 1e-9 for s in r.info["shift_mm"])
+                assert all(abs(s - 1) <= 0.1 * frac + 1e-12 for s in r.info["scales"])
+            ma, ta = _affine_fit(a.displacement)
+            mb, tb = _affine_fit(b.displacement)
+            rel = torch.linalg.inv(ma) @ mb  # x_a = rel x_b + ...
+            rel_t = torch.linalg.solve(ma, tb - ta)
+            h, w = a.displacement.shape[1:]
+            centre = torch.tensor([(h - 1) / 2, (w - 1) / 2], dtype=torch.float64)
+            shift_mm = (rel @ centre + rel_t - centre).abs() * c.voxel_size
+            angle = math.degrees(math.atan2(float(rel[1, 0] - rel[0, 1]), float(rel[0, 0] + rel[1, 1])))
+            sv = torch.linalg.svdvals(rel)
+            rel_rot[frac].append(abs(angle))
+            if frac == 0.2:
+                # own rotations <= 2 deg each, shear <= 0.01 each (adds <= ~0.6 deg to the fitted angle)
+                assert abs(angle) <= 4.0 + 1.5, angle
+                assert float((sv - 1).abs().max()) <= 0.04 + 0.03, sv
+                # own shifts <= 2 mm per axis each, the inverse's scale <= 1 / 0.97
+                assert float(shift_mm.max()) <= 4.0 / 0.97 + 0.2, shift_mm
+    assert max(rel_rot[1.0]) > 6.0, rel_rot  # the independent jitters put pairs far apart (up to 20 deg)
+
+
+def test_pair_affine_labels_follow_and_determinism():
+    """With the shared affine on, each image's labels are still its base map warped by its returned displacement
+    (bit for bit, every corruption on); same arguments, same pair."""
+    from deepsim_rt.data.synth import _gen, synth_seed
+
+    a, b = render_pair(TINY, "val", 1, 2)
+    for r, idx in ((a, 1), (b, 2)):
+        _, scoring, _ = base_map(TINY, _gen(synth_seed(TINY.seed, "val", idx)))
+        assert torch.equal(r.labels, warp(scoring, r.displacement[None], mode="nearest", padding="zeros")[0])
+    a2, b2 = render_pair(TINY, "val", 1, 2)
+    assert torch.equal(a.image, a2.image) and torch.equal(b.displacement, b2.displacement)
+    c, _ = render_pair(TINY, "val", 3, 2)
+    assert not torch.equal(c.displacement, a.displacement)
+    with pytest.raises(ValueError, match="pair_affine must be a fraction"):
+        SynthConfig(pair_affine=1.5)
+    # recipes recorded before the field existed were trained on independent affines
+    old = {k: v for k, v in TINY.to_dict().items() if k != "pair_affine"}
+    assert SynthConfig.from_dict(old).pair_affine == 1.0
 
 
 def test_robust_normalize_ignores_outliers():

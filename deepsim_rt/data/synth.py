@@ -23,7 +23,14 @@ A rendered subject is a pure function of (config, base label map, seed): every r
    not squash the brain. Training uses exactly this function; the runtime applies min-max today (see report).
 
 Registration pairs (`render_pair`): both images from one base anatomy (or one shape map), independent
-deformations and independent contrasts, so a pair is usually cross-contrast.
+non-linear deformations and independent contrasts, so a pair is usually cross-contrast. The affine part is split:
+a fraction `pair_affine` of every affine range (rotation, scale, shear, shift) is drawn per image, the rest once
+per pair as a shared subject-level affine S applied to both (phi_i = S o O_i o exp(v_i)). The shared part cancels
+in the pair's relative affine O_a^-1 o O_b, so the net sees what it sees at deployment, where the pipeline affinely
+pre-aligns first: a residual affine (default 0.2: +-2 deg, +-2 %, +-2 mm per image, up to twice that between the
+two), as SynthMorph trains its deformable model on affinely aligned pairs. pair_affine = 1 is the first round's
+behaviour (two independent full jitters, up to ~20 deg / 20 mm apart), bit for bit. `render_subject` (feature
+extractor training) keeps the full jitter.
 """
 
 from __future__ import annotations
@@ -42,7 +49,7 @@ from deepsim_rt.data.synthetic import gaussian_blur
 from deepsim_rt.kernels import integrate, warp
 
 __all__ = ["SynthConfig", "SYNTH_PRESETS", "Rendered", "robust_normalize", "render", "render_pair", "base_map",
-           "random_deformation", "CONTRASTS", "synth_seed"]
+           "random_deformation", "random_affine", "pair_shared_affine", "CONTRASTS", "synth_seed"]
 
 CONTRASTS = ("t1", "t2", "random")
 # Mean intensity range per class (label_maps.CLASS_NAMES: background, csf, gm, wm, skull, scalp) per template.
@@ -66,6 +73,10 @@ class SynthConfig:
     scale: float = 0.1
     shear: float = 0.05
     shift_mm: float = 10.0
+    # Fraction of the affine ranges drawn independently per image of a pair; the rest is one affine shared by both.
+    # 0.2: the relative affine of a pair stays within a pre-alignment's residual (module docstring); 1.0: the first
+    # round's independent jitters (recipes written before this field existed load as 1.0, see from_dict).
+    pair_affine: float = 0.2
     nonlinear_mm: float = 8.0
     control_mm: float = 16.0
     integration_steps: int = 7
@@ -104,6 +115,8 @@ class SynthConfig:
                      "bias_sd", "gamma_sd", "noise_sd", "slice_jitter_mm"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        if not 0.0 <= self.pair_affine <= 1.0:
+            raise ValueError(f"pair_affine must be a fraction in [0, 1], got {self.pair_affine!r}")
         if not 0 <= self.scale < 1:
             raise ValueError(f"scale must be in [0, 1), got {self.scale!r}")
         if len(self.contrast_probs) != 3 or abs(sum(self.contrast_probs) - 1.0) > 1e-6 \
@@ -133,6 +146,8 @@ class SynthConfig:
         if unknown:
             raise ValueError(f"unknown SynthConfig fields {sorted(unknown)}")
         d = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+        # Recipes recorded before pair_affine existed were trained on independent affine jitters per image.
+        d.setdefault("pair_affine", 1.0)
         return cls(**d)
 
     @classmethod
@@ -145,6 +160,9 @@ class SynthConfig:
 SYNTH_PRESETS: dict[str, SynthConfig] = {
     # 96 x 80 axial slices at 2 mm (the default-2d grid).
     "synth-2d": SynthConfig(),
+    # The first round's pairs (two independent full affine jitters): how synth-2d/{seg,reg,reg_ncc,reg_mse} of
+    # round 1 were trained.
+    "synth-2d-independent": SynthConfig(pair_affine=1.0),
     # 80 x 96 x 80 at 2 mm (the default-3d grid); no slice jitter in 3D.
     "synth-3d": SynthConfig(ndim=3, slice_jitter_mm=0.0, n_val=4, n_test=8),
     # 48 x 40 slices at 4 mm, few subjects: unit tests.
@@ -223,18 +241,17 @@ def base_map(cfg: SynthConfig, g: torch.Generator, shapes: bool = False,
     return gen, tissue, classes
 
 
-def random_deformation(cfg: SynthConfig, shape: tuple[int, ...], g: torch.Generator) -> tuple[torch.Tensor, dict]:
-    """(1, ndim, *shape) voxel displacement u of phi = affine o exp(v) (module docstring), and the draws."""
-    nd, vs = len(shape), cfg.voxel_size
-    v = label_maps.smooth_field(shape, nd, cfg.control_mm / vs, g)
-    frac = _u(g, 0.5, 1.0)
-    v = v * (cfg.nonlinear_mm / vs * frac / v.norm(dim=1).max().clamp_min(1e-12))
-    u_nl = integrate(v, steps=cfg.integration_steps)
+def random_affine(cfg: SynthConfig, nd: int, g: torch.Generator, fraction: float = 1.0
+                  ) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """An affine about the grid centre, x -> c + M (x - c) + t, with every range of cfg times `fraction`:
+    M (nd, nd) float32, t (nd,) float32 voxels, and the draws (degrees, scales, shears, mm). The draws happen in
+    the same order whatever `fraction`, so fraction 1 reproduces the unscaled stream."""
+    vs = cfg.voxel_size
     planes = [(0, 1)] if nd == 2 else [(0, 1), (0, 2), (1, 2)]
-    angles = [math.radians(cfg.rotate_deg) * _u(g) for _ in planes]
-    scales = [1.0 + cfg.scale * _u(g) for _ in range(nd)]
-    shears = [cfg.shear * _u(g) for _ in range(nd * (nd - 1))]
-    shift = [cfg.shift_mm / vs * _u(g) for _ in range(nd)]
+    angles = [math.radians(cfg.rotate_deg) * fraction * _u(g) for _ in planes]
+    scales = [1.0 + cfg.scale * fraction * _u(g) for _ in range(nd)]
+    shears = [cfg.shear * fraction * _u(g) for _ in range(nd * (nd - 1))]
+    shift = [cfg.shift_mm / vs * fraction * _u(g) for _ in range(nd)]
     m = torch.diag(torch.tensor(scales, dtype=torch.float64))
     for (i, j), a in zip(planes, angles, strict=True):
         r = torch.eye(nd, dtype=torch.float64)
@@ -243,15 +260,31 @@ def random_deformation(cfg: SynthConfig, shape: tuple[int, ...], g: torch.Genera
     sh = torch.eye(nd, dtype=torch.float64)
     for (i, j), s in zip([(i, j) for i in range(nd) for j in range(nd) if i != j], shears, strict=True):
         sh[i, j] = s
-    m = (sh @ m).float()
+    info = {"rotate_deg": [math.degrees(a) for a in angles], "scales": scales, "shears": shears,
+            "shift_mm": [s * vs for s in shift]}
+    return (sh @ m).float(), torch.tensor(shift, dtype=torch.float32), info
+
+
+def random_deformation(cfg: SynthConfig, shape: tuple[int, ...], g: torch.Generator, affine_fraction: float = 1.0,
+                       shared: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, dict]:
+    """(1, ndim, *shape) voxel displacement u of phi = S o O o exp(v) (module docstring), and the draws.
+
+    O: this image's affine, ranges times `affine_fraction`; S: a shared affine (M_s, t_s) from `random_affine`
+    (None: identity)."""
+    nd, vs = len(shape), cfg.voxel_size
+    v = label_maps.smooth_field(shape, nd, cfg.control_mm / vs, g)
+    frac = _u(g, 0.5, 1.0)
+    v = v * (cfg.nonlinear_mm / vs * frac / v.norm(dim=1).max().clamp_min(1e-12))
+    u_nl = integrate(v, steps=cfg.integration_steps)
+    m, t, info = random_affine(cfg, nd, g, affine_fraction)
+    if shared is not None:  # S o O: M = M_s M, t = M_s t + t_s (both about the grid centre)
+        m, t = shared[0] @ m, shared[0] @ t + shared[1]
     grids = torch.meshgrid(*[torch.arange(s, dtype=torch.float32) for s in shape], indexing="ij")
     p = torch.stack(grids)[None]  # (1, nd, *S)
     c = torch.tensor([(s - 1) / 2.0 for s in shape]).view(1, nd, *([1] * nd))
     q = p + u_nl - c
-    phi = torch.einsum("ij,bj...->bi...", m, q) + c + torch.tensor(shift, dtype=torch.float32).view(1, nd,
-                                                                                                    *([1] * nd))
-    info = {"nonlinear_max_mm": float(u_nl.norm(dim=1).max()) * vs, "rotate_deg": [math.degrees(a) for a in angles],
-            "scales": scales, "shears": shears, "shift_mm": [s * vs for s in shift]}
+    phi = torch.einsum("ij,bj...->bi...", m, q) + c + t.view(1, nd, *([1] * nd))
+    info = {"nonlinear_max_mm": float(u_nl.norm(dim=1).max()) * vs, **info}
     return phi - p, info
 
 
@@ -277,11 +310,13 @@ def _lowres(x: torch.Tensor, axis: int, factor: float) -> torch.Tensor:
 
 
 def render(cfg: SynthConfig, gen: torch.Tensor, scoring: torch.Tensor, classes: list[int], g: torch.Generator,
-           contrast: str | None = None) -> Rendered:
+           contrast: str | None = None, affine_fraction: float = 1.0,
+           shared: tuple[torch.Tensor, torch.Tensor] | None = None) -> Rendered:
     """Deform a base label map and render an image from it (module docstring, steps 2-4). gen, scoring: (1, 1, *S)
-    int64. contrast: force a template (None: drawn with contrast_probs)."""
+    int64. contrast: force a template (None: drawn with contrast_probs). affine_fraction, shared: the pair's
+    affine split (random_deformation)."""
     shape = tuple(gen.shape[2:])
-    u, info = random_deformation(cfg, shape, g)
+    u, info = random_deformation(cfg, shape, g, affine_fraction, shared)
     shapes = classes[0] == -1
     drawn = _contrast(cfg, g, shapes)
     contrast = drawn if contrast is None else contrast
@@ -335,20 +370,38 @@ def _gen(seed: int) -> torch.Generator:
 
 
 def render_subject(cfg: SynthConfig, split: str, index: int) -> Rendered:
-    """Subject `index` of `split`: anatomy (never shapes), its own slice, deformation and contrast."""
+    """Subject `index` of `split`: anatomy (never shapes), its own slice, deformation (the full affine jitter,
+    whatever pair_affine) and contrast."""
+    return _subject(cfg, split, index)
+
+
+def _subject(cfg: SynthConfig, split: str, index: int, affine_fraction: float = 1.0,
+             shared: tuple[torch.Tensor, torch.Tensor] | None = None) -> Rendered:
     g = _gen(synth_seed(cfg.seed, split, index))
     gen, scoring, classes = base_map(cfg, g)
-    return render(cfg, gen, scoring, classes, g)
+    return render(cfg, gen, scoring, classes, g, affine_fraction=affine_fraction, shared=shared)
+
+
+def pair_shared_affine(cfg: SynthConfig, split: str, moving: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The affine S shared by both images of the pair whose moving subject is `moving` (ranges times
+    1 - pair_affine; own stream 4), or None when pair_affine = 1 (independent jitters, the first round's pairs)."""
+    if cfg.pair_affine >= 1.0:
+        return None
+    m, t, _ = random_affine(cfg, cfg.ndim, _gen(synth_seed(cfg.seed, split, moving, stream=4)), 1.0 - cfg.pair_affine)
+    return m, t
 
 
 def render_pair(cfg: SynthConfig, split: str, moving: int, fixed: int) -> tuple[Rendered, Rendered]:
     """A registration pair: moving = subject `moving`; fixed = subject `fixed` rendered from the SAME base map when
     the pair is a shape pair (probability shapes_prob, train split only), else from its own anatomy draw (another
-    slice in 2D: inter-subject anatomy)."""
+    slice in 2D: inter-subject anatomy). Each image's affine: its own (ranges x pair_affine) after the pair's
+    shared one (pair_shared_affine); with pair_affine = 1, each is subject `index` exactly as render_subject."""
     gp = _gen(synth_seed(cfg.seed, split, moving, stream=1))
     shapes = split == "train" and _u(gp, 0, 1) < cfg.shapes_prob
+    shared, frac = pair_shared_affine(cfg, split, moving), cfg.pair_affine
     if not shapes:
-        return render_subject(cfg, split, moving), render_subject(cfg, split, fixed)
+        return _subject(cfg, split, moving, frac, shared), _subject(cfg, split, fixed, frac, shared)
     gen, scoring, classes = base_map(cfg, gp, shapes=True)
     gm, gf = _gen(synth_seed(cfg.seed, split, moving, 2)), _gen(synth_seed(cfg.seed, split, fixed, 3))
-    return render(cfg, gen, scoring, classes, gm), render(cfg, gen, scoring, classes, gf)
+    return (render(cfg, gen, scoring, classes, gm, affine_fraction=frac, shared=shared),
+            render(cfg, gen, scoring, classes, gf, affine_fraction=frac, shared=shared))

@@ -76,8 +76,8 @@ def evaluate_pairs(source: DataSource, register: RegisterFn | None, split: str =
     k = source.n_classes
     rows = []
     for idx, (m, f) in enumerate(pairs):
-        mov, mov_lab = source.subject(split, m)
-        fix, fix_lab = source.subject(split, f)
+        # source.pair: two subjects, or (synthesis) the pair as the generator draws it (shared affine, 'pair_affine')
+        (mov, mov_lab), (fix, fix_lab) = source.pair(split, m, f)
         mov, fix, mov_lab, fix_lab = mov[None], fix[None], mov_lab[None], fix_lab[None]
         t0 = time.perf_counter()
         if register is None:
