@@ -10,6 +10,9 @@ import json
 from dataclasses import dataclass, field
 
 KINDS = ("seg", "ae", "reg")
+# The input intensity contracts (nn.intensity): "minmax" = per-sample min and max to [0, 1] (the bundled defaults);
+# "percentile" = per-sample 0.5 / 99.5 % percentiles to [0, 1], clipped (synthesis training, data.synth).
+INTENSITIES = ("minmax", "percentile")
 
 # Channel widths per preset and dimensionality: (encoder stages, decoder stages, head width).
 # "paper": PAPER_NOTES (encoder 64/128/256 in 2D, 32/64/128 in 3D; the decoder mirrors the encoder).
@@ -40,7 +43,10 @@ class NetConfig:
     dropout: channel dropout after each stage, training only (paper: 0.5 for feature extractors).
     integrate_steps: reg only; 0 = the paper's plain displacement, > 0 = scaling-and-squaring of a velocity.
     padding: reg only; warp padding "border" (DeepSim code) or "zeros" (VoxelMorph).
-    intensity: the input contract: "minmax" = each image scaled to [0, 1] by its own min and max.
+    intensity: the input contract, one of INTENSITIES (nn.intensity does both): "minmax" = each image scaled to
+        [0, 1] by its own min and max; "percentile" = (x - p0.5) / (p99.5 - p0.5) clipped to [0, 1], the percentiles
+        per sample over channels and voxels (torch.quantile "linear"), so a bright scalp or one outlier voxel does
+        not squash the brain. Old checkpoints say "minmax" and load unchanged.
     """
 
     kind: str
@@ -74,8 +80,8 @@ class NetConfig:
             raise ValueError(f"integrate_steps must be >= 0, got {self.integrate_steps}")
         if self.padding not in ("border", "zeros"):
             raise ValueError(f"padding must be 'border' or 'zeros', got {self.padding!r}")
-        if self.intensity != "minmax":
-            raise ValueError(f"intensity must be 'minmax', got {self.intensity!r}")
+        if self.intensity not in INTENSITIES:
+            raise ValueError(f"intensity must be one of {INTENSITIES}, got {self.intensity!r}")
         if self.kind == "reg" and self.out_channels != self.ndim:
             raise ValueError(f"a registration net outputs ndim={self.ndim} channels, got out_channels="
                              f"{self.out_channels}")
