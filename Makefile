@@ -40,6 +40,12 @@ test: $(STAMP) $(ANTS_STAMP) trt-bindings real-data chromium
 real-data: $(STAMP)
 	$(PY) -m deepsim_rt.data.real_brains
 
+# ITK's simulated T1 / proton-density brain slices (deepsim_rt/data/itk_slices.py: 3 PNGs from the same pinned
+# insighttoolkit5-examples .deb as the rat lung, sha256-checked, 0.5 s once the .deb is there; Apache-2.0).
+.PHONY: itk-data
+itk-data: $(STAMP)
+	$(PY) -m deepsim_rt.data.itk_slices
+
 # Headless Chromium for tests/test_qc_page.py, which opens the batch QC page in a real browser (Debian `chromium`:
 # apt-get update + install took 17.6 s on the shared box). Where apt-get cannot run (not root, no mirror) this says so
 # in one line and that test skips; an installed chromium costs nothing.
