@@ -281,3 +281,7 @@ def test_training_on_synthesis_records_the_recipe(tmp_path):
         recipe = json.loads(f.metadata()["synthesis"])
     assert recipe["synthesis"] == "synth-tiny-2d" and recipe["voxel_size"] == 4 and "MNI152" in recipe["label_maps"]
     assert SynthConfig.from_dict({k: v for k, v in recipe.items() if k not in ("synthesis", "label_maps")}) == TINY
+    # trained on robust-normalized (percentile) images: the model says so, so the runtime feeds it the same way
+    from deepsim_rt.nn.checkpoint import load_config
+
+    assert load_config(summary["model"]).intensity == "percentile"

@@ -2,7 +2,9 @@
 
 A data source is a synthetic preset name (SYNTHETIC_PRESETS; deepsim_rt.data) or a
 NIfTI folder (see `open_source`). Every image fed to a network is min-max normalized to [0, 1] (the models'
-`intensity="minmax"` contract, which the runtime applies too).
+`intensity="minmax"` contract, which the runtime applies too), except the synthesis presets' (deepsim_rt.data.synth),
+which are robust-normalized (percentiles): their DataSource says intensity="percentile" and the trained models
+record it (NetConfig.intensity), so the runtime feeds them the same way.
 
 Sampling is a pure function of (seed, epoch, position): the epoch order comes from torch's DistributedSampler
 (seeded by seed + epoch), and each item's random choices (augmentation, fixed partner of a pair) from a generator
@@ -68,6 +70,7 @@ class DataSource:
     # by the generative model (both from one base label map where it must be); None: pair two subjects.
     _pair: object = None
     recipe: dict | None = None  # synthesis settings recorded in the trained model's metadata
+    intensity: str = "minmax"  # the input contract of the served images (NetConfig.intensity of models trained here)
 
     def pair(self, split: str, moving: int, fixed: int):
         """((image, labels), (image, labels)) of a training / validation pair (subject, subject by default)."""
@@ -233,7 +236,7 @@ def _synth(name: str) -> DataSource:
     # A flip would swap left/right tissue labels correctly, but synthesized brains need no flip augmentation.
     return DataSource(name=name, ndim=cfg.ndim, shape=shape, label_names=LABEL_NAMES,
                       mirror_labels=tuple(MIRROR_LABELS), _splits=splits, _pairs=pairs, _truth=None,
-                      spacing=(float(cfg.voxel_size),) * cfg.ndim, _pair=pair,
+                      spacing=(float(cfg.voxel_size),) * cfg.ndim, _pair=pair, intensity="percentile",
                       recipe={"synthesis": name, **cfg.to_dict(),
                               "label_maps": "MNI152 2009a tissue map (bundled), subdivided; synthesized head; random "
                                             "smooth shapes (registration pairs)"})

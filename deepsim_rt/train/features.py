@@ -34,7 +34,8 @@ class FeatureJob:
     def build_model(self) -> torch.nn.Module:
         src, cfg = self.source, self.cfg
         kw = {"n_classes": src.n_classes, "label_names": src.label_names} if cfg.task == "seg" else {}
-        self.net_cfg = NetConfig.make(cfg.task, src.ndim, cfg.preset, dropout=cfg.dropout, **kw)
+        self.net_cfg = NetConfig.make(cfg.task, src.ndim, cfg.preset, dropout=cfg.dropout, intensity=src.intensity,
+                                      **kw)
         return build_model(self.net_cfg)
 
     def num_items(self) -> int:

@@ -67,7 +67,7 @@ class RegistrationJob:
     def build_model(self) -> torch.nn.Module:
         src, cfg = self.source, self.cfg
         self.net_cfg = NetConfig.make("reg", src.ndim, cfg.preset, integrate_steps=cfg.integrate_steps,
-                                      padding=cfg.padding, label_names=src.label_names)
+                                      padding=cfg.padding, label_names=src.label_names, intensity=src.intensity)
         return build_model(self.net_cfg)
 
     def num_items(self) -> int:
