@@ -316,6 +316,10 @@ def run_benchmark(out: str | os.PathLike, grid: str = "2mm", pairs: list[PairSpe
 
     if grid not in GRIDS:
         raise ValueError(f"grid must be one of {', '.join(GRIDS)}, got {grid!r}")
+    from deepsim_rt.realbench.contrast import CONTRASTS, t2like_brain
+
+    if contrast not in CONTRASTS:  # before any fetch or work
+        raise ValueError(f"contrast must be one of {', '.join(CONTRASTS)}, got {contrast!r}")
     pairs = list(PAIRS.values()) if pairs is None else pairs
     methods = list(METHODS.values()) if methods is None else methods
     torch.set_num_threads(1)
@@ -328,10 +332,6 @@ def run_benchmark(out: str | os.PathLike, grid: str = "2mm", pairs: list[PairSpe
         brains = {n: (rb.downsampled(b, factor, root / "_inputs") if b.ndim == 3 else b) for n, b in brains.items()}
     fixed_brains = None
     if contrast != "t1":
-        from deepsim_rt.realbench.contrast import CONTRASTS, t2like_brain
-
-        if contrast not in CONTRASTS:
-            raise ValueError(f"contrast must be one of {', '.join(CONTRASTS)}, got {contrast!r}")
         fixed_brains = {n: (t2like_brain(b, root / "_inputs") if b.ndim == 3 else b) for n, b in brains.items()}
     sha = _git_sha()
     rows = []
