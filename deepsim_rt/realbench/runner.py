@@ -127,6 +127,13 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     # cross-contrast (--contrast t2like): the default net, then refinement with each loss at its LAM_SCALE lambda
     *(Method(f"net+refine:{loss}", f"default net + refine, {loss} (lam x{LAM_SCALE[loss]:g})", "ours",
              model="default", refine={"loss": loss}) for loss in ("deepsim_seg", "ncc", "mind", "nmi")),
+    # the same without the pre-alignment (world coordinates: every labelled brain is in MNI-like space), because
+    # the global-NCC affine is intensity-based and cross-contrast pairs can mislead it
+    Method("world+net", "default-3d, no affine (world coordinates)", "ours", model="default-3d", affine=None,
+           ndims=(3,)),
+    *(Method(f"world+net+refine:{loss}", f"default net + refine, {loss}, no affine (world coordinates)", "ours",
+             model="default", affine=None, refine={"loss": loss}, ndims=(3,))
+      for loss in ("deepsim_seg", "ncc", "mind", "nmi")),
 )}
 
 
