@@ -21,7 +21,9 @@ percentiles, deepsim_rt.data.synth.robust_normalize):
              (lambda x --lam-scale, swept on synth-2d validation pairs: set "sweep"); ANTs SyN with mutual
              information (antspyx, from identity) as the classical reference.
 No world-space pre-alignment is run beyond the common MNI grid (all brains are in MNI-like space; "identity" is
-that baseline).
+that baseline). The real slices and their score live in deepsim_rt.evaluate.real_slices (shared with `deepsim-rt
+study --eval real-2d`), the T2-like map in deepsim_rt.realbench.contrast (real_slices keeps the same map below
+realbench's floor; tests/test_study_real.py checks the two agree bit for bit).
 """
 
 from __future__ import annotations
@@ -35,66 +37,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from deepsim_rt.data.atlas import load_atlas
 from deepsim_rt.data.synth import SynthConfig, render_pair, robust_normalize
 from deepsim_rt.evaluate.metrics import dice_foreground, folding_fraction
+from deepsim_rt.evaluate.real_slices import REAL, SLICES_MM, real_slices, slice_dice
 from deepsim_rt.kernels import warp
 from deepsim_rt.nn import load_model
 from deepsim_rt.realbench.contrast import t2_like  # the one T2-like map, shared with evaluate-real --contrast
 from deepsim_rt.train.data import minmax
 
-SLICES_MM = (4.0, 8.0)
-REAL = ("colin27", "fsaverage", "cat12")
-
-
-# ------------------------------------------------------------------------------------------------ real slices
-def real_slices(cache: str | None) -> dict:
-    """name -> list over SLICES_MM of (image (1, 1, H, W) robust-normalized, labels (1, 1, H, W) int64, mask)."""
-    from scipy.ndimage import gaussian_filter, map_coordinates
-
-    from deepsim_rt.data import real_brains as rb
-
-    atlas = load_atlas(3, 2)
-    ids = [aseg for _, aseg, _ in rb.STRUCTURES]
-    brains = rb.ensure_real_brains(cache=cache, names=REAL)
-    out = {}
-    d_, h_, w_ = atlas.shape
-    for name in REAL:
-        b = brains[name]
-        vols = {"image": gaussian_filter(b.array("image"), 0.85)}  # anti-alias 1 mm -> 2 mm
-        if b.head is not None:
-            vols["head"] = gaussian_filter(b.array("head"), 0.85)
-        lab = b.array("labels")
-        inv = np.linalg.inv(b.affine)
-        per = []
-        for z in SLICES_MM:
-            # the tensor index along D whose world z is closest to `z`
-            zs = [(atlas.affine @ np.array([d, h_ // 2, w_ // 2, 1.0]))[2] for d in range(d_)]
-            k = int(np.argmin(np.abs(np.array(zs) - z)))
-            hh, ww = np.meshgrid(np.arange(h_), np.arange(w_), indexing="ij")
-            idx = np.stack([np.full_like(hh, k), hh, ww, np.ones_like(hh)]).reshape(4, -1).astype(np.float64)
-            src = (inv @ (atlas.affine @ idx))[:3]
-            ims = {k: robust_normalize(torch.from_numpy(map_coordinates(v, src, order=1, mode="constant")
-                                                        .reshape(h_, w_))[None, None].float())
-                   for k, v in vols.items()}
-            lb = map_coordinates(lab, src, order=0, mode="constant").reshape(h_, w_).astype(np.int64)
-            lb = np.where(np.isin(lb, ids), lb, 0)
-            t = ims["image"]
-            per.append((t, torch.from_numpy(lb)[None, None], (t[0, 0] > 0.05).numpy(), ims.get("head")))
-        out[name] = per
-    return out
-
 
 def structure_dice(warped: torch.Tensor, fixed: torch.Tensor) -> float:
-    """Mean Dice over the label ids present in the fixed slice with >= 5 voxels."""
-    w, f = warped.numpy().ravel(), fixed.numpy().ravel()
-    vals = []
-    for v in np.unique(f):
-        if v == 0 or (f == v).sum() < 5:
-            continue
-        a, b = w == v, f == v
-        vals.append(2.0 * (a & b).sum() / (a.sum() + b.sum()))
-    return float(np.mean(vals)) if vals else float("nan")
+    """Mean Dice over the label ids present in the fixed slice with >= 5 voxels (real_slices.slice_dice)."""
+    return slice_dice(warped, fixed)[0]
 
 
 # ------------------------------------------------------------------------------------------------ nets

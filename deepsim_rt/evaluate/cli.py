@@ -86,10 +86,17 @@ def _study(args: argparse.Namespace) -> int:
     cfg = config_from_args(StudyConfig, args)
     result = run_study(cfg)
     out = Path(result["out"])
-    print((out / "results.md").read_text(), end="")
+    if result["summaries"]:
+        print((out / "results.md").read_text(), end="")
+    if result["real"]:
+        print((out / "real_2d.md").read_text(), end="")
     print(json.dumps({"timings_s": {k: round(v, 1) for k, v in result["timings_s"].items()},
                       "skipped": result["skipped"]}))
-    print(f"box plot: {out / 'dice_boxplot.png'}; per-pair results: {out / 'results.json'}")
+    if result["summaries"]:
+        print(f"box plot: {out / 'dice_boxplot.png'}; per-pair results: {out / 'results.json'}")
+    if result["real"]:
+        print(f"real slices: {out / 'real_2d.md'}, box plots {out / 'real_2d_t1_boxplot.png'} and "
+              f"{out / 'real_2d_xc_boxplot.png'}, per pair {out / 'real_2d.json'}")
     return 0
 
 

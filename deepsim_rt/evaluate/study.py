@@ -12,6 +12,10 @@ run_study: trains the feature extractors (seg, ae) and one registration net per 
 VGG if weights are given, DeepSim_ae, DeepSim_seg), evaluates them on the same test pairs, and writes the
 poster's comparison: a Dice box plot, a table with mean Dice / folding and a paired Wilcoxon signed-rank test of
 DeepSim_seg against each baseline (scipy.stats.wilcoxon, two-sided, on the per-pair foreground Dice).
+With eval "real-2d" (2D data) every trained net is also scored on the 12 real brain slice pairs of
+deepsim_rt.evaluate.real_slices, same contrast ("t1") and with the fixed brain made T2-like ("xc"): OUT/real_2d.md
+(mean +- sd Dice over the shared structures, folding, paired Wilcoxon of every method against every other),
+OUT/real_2d.json (per pair), OUT/real_2d_{t1,xc}_boxplot.png.
 """
 
 from __future__ import annotations
@@ -50,6 +54,10 @@ __all__ = [
     "StudyConfig",
     "run_study",
     "STUDY_LOSSES",
+    "wilcoxon_matrix",
+    "evaluate_real",
+    "real_register_fn",
+    "real_markdown",
 ]
 
 
@@ -266,6 +274,16 @@ def run_study(cfg: StudyConfig) -> dict:
     t_start = time.perf_counter()
     out = Path(cfg.out)
     source = open_source(cfg.data)
+    evals = cfg.eval_sets
+    if "real-2d" in evals and source.ndim != 2:
+        raise ValueError(f"--eval real-2d scores 2D nets on real brain slices; the data {cfg.data!r} are "
+                         f"{source.ndim}D")
+    real = None
+    if "real-2d" in evals:  # fetch / build the real slices before any training: a missing cache fails first
+        from deepsim_rt.evaluate.real_slices import SETS, real_pairs, real_slices
+
+        sl = real_slices(cfg.cache)
+        real = {kind: real_pairs(kind, slices=sl) for kind in SETS}
     losses = cfg.loss_list
     timings: dict[str, float] = {}
     skipped: dict[str, str] = {}
@@ -296,9 +314,11 @@ def run_study(cfg: StudyConfig) -> dict:
 
     rows: dict[str, list[dict]] = {}
     max_pairs = cfg.eval_pairs or None
-    t0 = time.perf_counter()
-    rows["none"] = evaluate_pairs(source, None, "test", max_pairs)
-    timings["evaluate-none"] = time.perf_counter() - t0
+    test = "test" in evals
+    if test:
+        t0 = time.perf_counter()
+        rows["none"] = evaluate_pairs(source, None, "test", max_pairs)
+        timings["evaluate-none"] = time.perf_counter() - t0
     lambdas: dict[str, float] = {}
     sweep_log: dict[str, dict[str, float]] = {}
     models: dict[str, str] = {}
@@ -321,20 +341,95 @@ def run_study(cfg: StudyConfig) -> dict:
             if best is None or val_dice > best[0]:
                 best = (val_dice, lam, summary["model"])
         _, lambdas[loss], models[loss] = best
-        t1 = time.perf_counter()
-        rows[loss] = evaluate_model(models[loss], source, "test", max_pairs)
-        timings[f"evaluate-{loss}"] = time.perf_counter() - t1
-        _say(f"[study] {loss}: lambda {lambdas[loss]:g}, test Dice fg {summarize(rows[loss])['dice_fg']:.4f}")
-    timings["total"] = time.perf_counter() - t_start
-    pvalues = wilcoxon_vs(rows)
+        if test:
+            t1 = time.perf_counter()
+            rows[loss] = evaluate_model(models[loss], source, "test", max_pairs)
+            timings[f"evaluate-{loss}"] = time.perf_counter() - t1
+            _say(f"[study] {loss}: lambda {lambdas[loss]:g}, test Dice fg {summarize(rows[loss])['dice_fg']:.4f}")
     extra = {"lambdas": lambdas, "lambda_sweep_val_dice": sweep_log, "skipped": skipped, "models": models,
              "extractors": extractors, "timings_s": timings, "config": dataclasses.asdict(cfg)}
-    summaries = write_results(out, rows, extra, pvalues, lambdas)
-    dice_boxplot(rows, out / "dice_boxplot.png", title=f"Test-pair Dice by similarity ({source.name})")
+    summaries, pvalues, summaries_real = {}, {}, {}
+    if real is not None:
+        t1 = time.perf_counter()
+        summaries_real = evaluate_real(real, models, out, extra)
+        timings["evaluate-real-2d"] = time.perf_counter() - t1
+        _say("[study] real-2d: " + ", ".join(f"{k} {n} {v['dice_fg']:.4f}" for k, per in summaries_real.items()
+                                             for n, v in per.items()))
+    timings["total"] = time.perf_counter() - t_start
+    if test:
+        pvalues = wilcoxon_vs(rows)
+        summaries = write_results(out, rows, extra, pvalues, lambdas)
+        dice_boxplot(rows, out / "dice_boxplot.png", title=f"Test-pair Dice by similarity ({source.name})")
     if cfg.weights_out:
         export_weights(cfg.weights_out, extractors["seg"], extractors["ae"], models.get("deepsim_seg"))
     return {"summaries": summaries, "pvalues": pvalues, "lambdas": lambdas, "skipped": skipped,
-            "timings_s": timings, "out": str(out)}
+            "timings_s": timings, "out": str(out), "real": summaries_real}
+
+
+def wilcoxon_matrix(rows_by_method: dict[str, list[dict]]) -> dict[str, dict[str, float | None]]:
+    """{a: {b: p}}: two-sided paired Wilcoxon signed-rank p of every method against every other (wilcoxon_vs)."""
+    return {a: wilcoxon_vs(rows_by_method, reference=a) for a in rows_by_method}
+
+
+def real_markdown(summaries: dict[str, dict[str, dict]], matrices: dict[str, dict[str, dict]]) -> str:
+    """Per real set: one row per method (Dice mean +- sample sd, n, folding %, p vs none, p vs DeepSim_seg), then
+    the matrix of paired Wilcoxon p (row vs column)."""
+    lines = []
+    for kind, per in summaries.items():
+        mat = matrices[kind]
+        names = list(per)
+        lines += [f"### real_{kind}", "", "| method | Dice (mean ± sd) | n | folding % | SD log det J | "
+                  "Wilcoxon p vs none | Wilcoxon p vs DeepSim_seg |", "|---|---|---|---|---|---|---|"]
+        for n in names:
+            s = per[n]
+            p_none = mat.get("none", {}).get(n) if n != "none" else None
+            p_ds = mat.get("deepsim_seg", {}).get(n) if n != "deepsim_seg" else None
+            lines.append(f"| {LABELS.get(n, n)} | {_fmt(s['dice_fg'])} ± {_fmt(s['dice_fg_std'])} | {s['pairs']} | "
+                         f"{_fmt(s['folding'])} | {_fmt(s['std_log_jac'])} | "
+                         f"{'—' if p_none is None else f'{p_none:.2g}'} | {'—' if p_ds is None else f'{p_ds:.2g}'} |")
+        n_pairs = per[names[0]]["pairs"] if names else 0
+        lines += ["", f"Paired Wilcoxon p, real_{kind} (row vs column, two-sided, {n_pairs} pairs):", "",
+                  "| | " + " | ".join(LABELS.get(n, n) for n in names) + " |", "|" + "---|" * (len(names) + 1)]
+        for a in names:
+            cells = ["—" if a == b or mat[a].get(b) is None else f"{mat[a][b]:.2g}" for b in names]
+            lines.append(f"| {LABELS.get(a, a)} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def real_register_fn(model: torch.nn.Module) -> RegisterFn:
+    """model_register_fn for the real slices (robust-normalized, as the synthesis nets were trained): a "minmax"
+    model gets each image min-max scaled first, as it was trained."""
+    from deepsim_rt.train.data import minmax
+
+    base = model_register_fn(model)
+    if model.cfg.intensity == "minmax":
+        return lambda moving, fixed: base(minmax(moving), minmax(fixed))
+    return base
+
+
+def evaluate_real(real: dict, models: dict[str, str], out: Path, extra: dict | None = None) -> dict[str, dict]:
+    """Score no registration and every model {loss: path} on each real slice set {kind: [RealSlicePair]}; writes
+    OUT/real_2d.{json,md} and OUT/real_2d_<kind>_boxplot.png; returns {kind: {method: summary}}."""
+    from deepsim_rt.evaluate.figures import dice_boxplot
+    from deepsim_rt.evaluate.real_slices import evaluate_real_pairs
+
+    nets = {name: load_model(path).eval() for name, path in models.items()}
+    rows = {kind: {"none": evaluate_real_pairs(pairs, None),
+                   **{n: evaluate_real_pairs(pairs, real_register_fn(m)) for n, m in nets.items()}}
+            for kind, pairs in real.items()}
+    summaries = {kind: {n: summarize(r) for n, r in per.items()} for kind, per in rows.items()}
+    matrices = {kind: wilcoxon_matrix(per) for kind, per in rows.items()}
+    payload = {"summary": summaries, "wilcoxon": matrices, "pairs": rows, "models": models,
+               "protocol": "deepsim_rt.evaluate.real_slices (12 pairs per set from 3 brains x 2 slices: not "
+                           "independent)", **(extra or {})}
+    _write_text(out / "real_2d.json", json.dumps(payload, indent=1, default=str))  # a Path cache folder
+    _write_text(out / "real_2d.md", real_markdown(summaries, matrices))
+    titles = {"t1": "real T1 slice pairs", "xc": "real T1 -> T2-like fixed slice pairs"}
+    for kind, per in rows.items():
+        dice_boxplot(per, out / f"real_2d_{kind}_boxplot.png",
+                     title=f"Dice over shared structures, {titles.get(kind, kind)} (12 pairs, 3 brains)")
+    return summaries
 
 
 def export_weights(folder: str | Path, seg: str | None, ae: str | None, reg: str | None) -> None:

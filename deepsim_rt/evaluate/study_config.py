@@ -6,13 +6,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["StudyConfig", "STUDY_LOSSES", "LABELS"]
+__all__ = ["StudyConfig", "STUDY_LOSSES", "EVAL_SETS", "LABELS"]
 
 # How each method is named in tables and plots (study tables, evaluate.figures.dice_boxplot).
 LABELS = {"none": "no registration", "mse": "MSE", "ncc": "NCC", "ncc_sup": "NCC_sup", "vgg": "VGG",
           "deepsim_ae": "DeepSim_ae", "deepsim_seg": "DeepSim_seg"}
 
 STUDY_LOSSES = ("mse", "ncc", "ncc_sup", "vgg", "deepsim_ae", "deepsim_seg")
+EVAL_SETS = ("test", "real-2d")
 
 
 @dataclass
@@ -38,6 +39,12 @@ class StudyConfig:
     weights_out: str | None = field(default=None, metadata={"help": "copy seg, ae and the DeepSim_seg reg net here "
                                                                     "as {seg,ae,reg}.safetensors"})
     eval_pairs: int = field(default=0, metadata={"help": "evaluate on the first N test pairs (0: all)"})
+    eval: str = field(default="test", metadata={"help": "comma list of evaluation sets: test (the data's test "
+                                                        "pairs), real-2d (12 real brain slice pairs, same contrast "
+                                                        "and T2-like fixed; 2D data only; deepsim_rt.evaluate."
+                                                        "real_slices)"})
+    cache: str | None = field(default=None, metadata={"help": "real-brain cache folder for --eval real-2d "
+                                                              "(default: DEEPSIM_RT_CACHE or the user cache)"})
     seed: int = field(default=0, metadata={"help": "seed"})
     full: bool = field(default=False, metadata={"help": "paper sizes: preset paper, lr 1e-4, 20000/20000 steps"})
     progress: bool = field(default=True, metadata={"help": "progress bars"})
@@ -60,6 +67,14 @@ class StudyConfig:
                 raise ValueError(f"{name.replace('_', '-')} not found: {v!r}")
         if self.eval_pairs < 0:
             raise ValueError(f"eval_pairs must be >= 0, got {self.eval_pairs}")
+        sets = self.eval_sets
+        bad = [n for n in sets if n not in EVAL_SETS]
+        if bad or not sets:
+            raise ValueError(f"unknown evaluation set(s) {bad or sets}; valid names: {', '.join(EVAL_SETS)}")
+
+    @property
+    def eval_sets(self) -> list[str]:
+        return [s.strip() for s in self.eval.split(",") if s.strip()]
 
     @property
     def loss_list(self) -> list[str]:
