@@ -274,10 +274,10 @@ def test_a_failing_method_is_recorded_and_the_run_goes_on(brains, tmp_path, monk
 
     real = runner.run_one
 
-    def flaky(pair, method, brains_, work):
+    def flaky(pair, method, brains_, work, *rest):  # rest: run_one's fixed_brains (--contrast)
         if method.name == "none":
             raise RuntimeError("boom\nsecond line")
-        return real(pair, method, brains_, work)
+        return real(pair, method, brains_, work, *rest)
 
     monkeypatch.setattr(runner, "run_one", flaky)
     rows = runner.run_benchmark(tmp_path, "4mm", runner.select_pairs("cat12->colin27"),

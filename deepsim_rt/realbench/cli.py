@@ -41,6 +41,8 @@ def add_subcommands(subparsers) -> None:
                    help="comma-separated pair names or sets: labelled, heads, unlabelled, 2d, all")
     p.add_argument("--methods", default="all",
                    help="comma-separated: none, affine, net:default-3d, net:default-3d-4mm, net:default-2d, "
+                        "net:synth-3d, net:synth-3d-ncc (deepsim_rt/weights/synth-3d), file:PATH (a model file, after "
+                        "affine), "
                         "net+refine, net+refine-long, none+refine, net+refine:<deepsim_seg|ncc|mind|nmi>, ants:Affine, "
                         "ants:SyN, ants:SyNOnlyCC, ants:SyNCC, or all")
     p.add_argument("--contrast", default="t1", choices=("t1", "t2like"),

@@ -36,6 +36,19 @@ def _mean(xs: list[float]) -> float:
     return float(np.mean(xs)) if xs else float("nan")
 
 
+def _method_order(rows: list[dict[str, Any]]) -> list[str]:
+    """METHODS' order, then the file:PATH methods present in `rows` (runner.file_method) by name."""
+    from deepsim_rt.realbench.runner import METHODS
+
+    return list(METHODS) + sorted({r["method"] for r in rows} - set(METHODS))
+
+
+def _label(m: str, rows: list[dict[str, Any]]) -> str:
+    from deepsim_rt.realbench.runner import METHODS
+
+    return METHODS[m].label if m in METHODS else next((r["label"] for r in rows if r["method"] == m), m)
+
+
 def _tier(r: dict[str, Any]) -> str:
     """The table a row belongs to: the runner's tier, with 2D split into the brain slices and the rat lung."""
     if r["tier"] == "2d":
@@ -51,8 +64,6 @@ TIERS = (("labelled", "6 ordered labelled brain pairs"), ("heads", "Colin27 head
 
 def summary_table(rows: list[dict[str, Any]], tier: str, grid: str) -> list[str]:
     """Method -> mean over the tier's pairs (Dice12 / full Dice / NCC, seconds, max folding), one markdown table."""
-    from deepsim_rt.realbench.runner import METHODS
-
     sel = [r for r in rows if _tier(r) == tier and r["grid"] == grid and "error" not in r]
     if not sel:
         return []
@@ -62,11 +73,11 @@ def summary_table(rows: list[dict[str, Any]], tier: str, grid: str) -> list[str]
         (["Dice full set (fsaverage↔cat12)"] if any("mean_dice_full" in r for r in sel) else []) + \
         ["local NCC in mask", "wall s / pair", "CPU s / pair", "folding % (max)"]
     lines = [f"| {' | '.join(head)} |", "|" + "---|" * len(head)]
-    for m in METHODS:
+    for m in _method_order(sel):
         rs = [r for r in sel if r["method"] == m]
         if not rs:
             continue
-        cells = [METHODS[m].label, f"{len(rs)}/{len(pairs)}"]
+        cells = [_label(m, rs), f"{len(rs)}/{len(pairs)}"]
         if has_dice:
             cells.append(_f(_mean([r.get("mean_dice12") for r in rs])))
         if any("mean_dice_full" in r for r in sel):
@@ -96,12 +107,10 @@ def _pair_table(rows: list[dict[str, Any]], tier: str, grid: str) -> list[str]:
 
 
 def _structure_table(rows: list[dict[str, Any]], grid: str) -> tuple[list[str], dict[str, dict[str, float]]]:
-    from deepsim_rt.realbench.runner import METHODS
-
     sel = [r for r in rows if r["tier"] == "labelled" and r["grid"] == grid and "dice" in r]
     names = [n for n, _, _ in rb.STRUCTURES]
     per: dict[str, dict[str, float]] = {}
-    for m in METHODS:
+    for m in _method_order(sel):
         rs = [r for r in sel if r["method"] == m]
         if rs:
             per[m] = {n: _mean([r["dice"].get(n) for r in rs]) for n in names}
@@ -208,11 +217,14 @@ def targets_section(rows: list[dict[str, Any]], grid: str) -> list[str]:
                      f"{t_ours:.1f} s vs {t_best:.1f} s per pair ({t_ours / t_best:.2f} of its time; target ≥ and "
                      f"≤ 0.10): {'met' if ok else 'NOT met'}")
     aff = agg("affine", "mean_dice12")
-    for m in ("net:default-3d", "net:default-3d-4mm"):
+    # issue 17 asked the bundled nets for +0.03 over affine only; issue 19 asks the nets trained on synthesis for +0.05
+    nets = [(m, 0.03) for m in ("net:default-3d", "net:default-3d-4mm")] + \
+        [(m, 0.05) for m in _method_order(sel) if m.startswith(("net:synth-3d", "file:"))]
+    for m, gain in nets:
         v = agg(m, "mean_dice12")
         if not math.isnan(v) and not math.isnan(aff):
-            lines.append(f"- {m} after affine {v:.3f} vs affine only {aff:.3f} ({v - aff:+.3f}; target ≥ +0.03): "
-                         f"{'met' if v >= aff + 0.03 else 'NOT met'}")
+            lines.append(f"- {m} after affine {v:.3f} vs affine only {aff:.3f} ({v - aff:+.3f}; target ≥ +{gain:.2f}): "
+                         f"{'met' if v >= aff + gain else 'NOT met'}")
     ours_rows = [r for r in rows if r["grid"] == grid and "error" not in r and not r["method"].startswith(("ants",
                                                                                                          "none"))]
     for what, rs in (("the labelled pairs", [r for r in ours_rows if r["tier"] == "labelled"]),

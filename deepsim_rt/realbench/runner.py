@@ -38,10 +38,13 @@ from deepsim_rt.evaluate.real_metrics import (
 )
 from deepsim_rt.refine.config import LAM_SCALE
 
-__all__ = ["PairSpec", "Method", "PAIRS", "PAIR_SETS", "METHODS", "GRIDS", "select_pairs", "select_methods",
-           "run_benchmark", "run_one"]
+__all__ = ["PairSpec", "Method", "PAIRS", "PAIR_SETS", "METHODS", "GRIDS", "SYNTH3D_DIR", "select_pairs",
+           "select_methods", "file_method", "run_benchmark", "run_one"]
 
 GRIDS = {"1mm": 1, "2mm": 2, "4mm": 4}
+# The 3D nets trained on brains synthesized from label maps (issue 19): not the bundled default, loaded by path.
+SYNTH3D_DIR = Path(__file__).resolve().parents[1] / "weights" / "synth-3d"
+_MODEL_SUFFIXES = (".safetensors", ".onnx", ".pt2")
 
 
 @dataclass(frozen=True)
@@ -115,6 +118,10 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("net:default-3d", "default-3d after affine", "ours", model="default-3d", ndims=(3,)),
     Method("net:default-3d-4mm", "default-3d-4mm after affine", "ours", model="default-3d-4mm", ndims=(3,)),
     Method("net:default-2d", "default-2d", "ours", model="default-2d", affine=None, ndims=(2,)),
+    Method("net:synth-3d", "synth-3d DeepSim_seg net after affine", "ours",
+           model=str(SYNTH3D_DIR / "reg.safetensors"), ndims=(3,)),
+    Method("net:synth-3d-ncc", "synth-3d NCC net after affine", "ours",
+           model=str(SYNTH3D_DIR / "reg_ncc.safetensors"), ndims=(3,)),
     Method("net+refine", "default net + refine (defaults)", "ours", model="default", refine={}),
     Method("net+refine-long", "default net + refine (100 steps/level)", "ours", model="default",
            refine={"iterations": 100}),
@@ -153,12 +160,26 @@ def select_pairs(spec: str) -> list[PairSpec]:
     return [PAIRS[n] for n in dict.fromkeys(out)]
 
 
+def file_method(spec: str) -> Method:
+    """"file:PATH" -> the registration model file PATH (.safetensors / .onnx / .pt2) after the affine pre-alignment,
+    3D pairs only (a candidate checkpoint before it is copied anywhere). Its name (and JSON file stem) is
+    "file:<folder>-<stem>" of PATH, so model_step100 of two runs stay apart; the path itself is checked when it runs
+    (a missing file is a recorded error, as for any method)."""
+    path = Path(spec.split(":", 1)[1]) if spec.startswith("file:") else None
+    if path is None or path.suffix not in _MODEL_SUFFIXES:
+        raise ValueError(f"a model-file method is file:PATH with PATH ending in {', '.join(_MODEL_SUFFIXES)}, got "
+                         f"{spec!r}")
+    slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in f"{path.parent.name}-{path.stem}")
+    return Method(f"file:{slug}", f"{path} after affine", "ours", model=str(path), ndims=(3,))
+
+
 def select_methods(spec: str) -> list[Method]:
+    """Comma-separated method names (METHODS), "file:PATH" model files (file_method) or "all"."""
     names = list(METHODS) if spec.strip() == "all" else [t.strip() for t in spec.split(",") if t.strip()]
-    bad = [n for n in names if n not in METHODS]
+    bad = [n for n in names if n not in METHODS and not n.startswith("file:")]
     if bad or not names:
-        raise ValueError(f"unknown method(s) {bad or spec!r}; valid: all, {', '.join(METHODS)}")
-    return [METHODS[n] for n in dict.fromkeys(names)]
+        raise ValueError(f"unknown method(s) {bad or spec!r}; valid: all, {', '.join(METHODS)} or file:PATH")
+    return [METHODS[n] if n in METHODS else file_method(n) for n in dict.fromkeys(names)]
 
 
 def _git_sha() -> str:
