@@ -123,3 +123,14 @@ def test_smooth_field_is_seeded_and_scaled_and_its_inverse_undoes_it():
     assert np.abs(back - img)[inner].max() < 0.5
     with pytest.raises(ValueError, match="sigma_px > 0"):
         smooth_field(shape, seed=0, sigma_px=0.0)
+
+
+def test_model_axes_puts_anterior_last_on_axis_0_and_columns_on_axis_1():
+    from deepsim_rt.realbench.itk_t1pd import model_axes
+
+    x, y = itk_slices.SHAPE
+    a = np.zeros((x, y), np.float32)  # (X, Y) = (PNG columns, rows from the top)
+    a[5, 0] = 1.0  # column 5 of the PNG's top row (anterior)
+    m = model_axes(a)
+    assert m.shape == (y, x) and m.flags.c_contiguous
+    assert m[y - 1, 5] == 1.0 and m.sum() == 1.0
