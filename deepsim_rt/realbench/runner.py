@@ -97,8 +97,9 @@ PAIR_SETS = {t: tuple(n for n, p in PAIRS.items() if p.tier == t) for t in ("lab
 
 @dataclass(frozen=True)
 class Method:
-    """kind "identity" | "ours" | "ants". ours: model ("none" = no network), affine pre-alignment, refine
-    (RefineConfig keyword arguments or None). ants: the antspyx type_of_transform."""
+    """kind "identity" | "ours" | "ants" | "antsaff+ours". ours: model ("none" = no network), affine pre-alignment,
+    refine (RefineConfig keyword arguments or None). ants: the antspyx type_of_transform. antsaff+ours: ANTs' MI
+    affine, then ours from it (realbench.contrast.run_ants_affine_then_ours)."""
 
     name: str
     label: str
@@ -141,6 +142,10 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     *(Method(f"world+net+refine:{loss}", f"default net + refine, {loss}, no affine (world coordinates)", "ours",
              model="default", affine=None, refine={"loss": loss}, ndims=(3,))
       for loss in ("deepsim_seg", "ncc", "mind", "nmi")),
+    # ... and from ANTs' mutual-information affine instead of ours (realbench.contrast.run_ants_affine_then_ours)
+    Method("antsaff+net", "ANTs Affine (MI), then default-3d", "antsaff+ours", model="default-3d", ndims=(3,)),
+    *(Method(f"antsaff+net+refine:{loss}", f"ANTs Affine (MI), then default net + refine, {loss}", "antsaff+ours",
+             model="default", refine={"loss": loss}, ndims=(3,)) for loss in ("deepsim_seg", "ncc", "mind", "nmi")),
 )}
 
 
@@ -284,6 +289,10 @@ def run_one(pair: PairSpec, method: Method, brains: dict[str, rb.RealBrain], wor
     ndim = bm.ndim
     if method.kind == "ours":
         res = _run_ours(method, mov, fix, labels, ndim, work)
+    elif method.kind == "antsaff+ours":
+        from deepsim_rt.realbench.contrast import run_ants_affine_then_ours
+
+        res = run_ants_affine_then_ours(method, mov, fix, labels, ndim, work)
     else:
         res = _run_ants(method, mov, fix, labels, ndim, work)
     fixed_img, f_aff = _load(getattr(bf, pair.fixed_part))
