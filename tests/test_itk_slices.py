@@ -134,3 +134,17 @@ def test_model_axes_puts_anterior_last_on_axis_0_and_columns_on_axis_1():
     m = model_axes(a)
     assert m.shape == (y, x) and m.flags.c_contiguous
     assert m[y - 1, 5] == 1.0 and m.sum() == 1.0
+
+
+def test_folding_pct_counts_the_mask_only():
+    from deepsim_rt.realbench.itk_t1pd import folding_pct
+
+    shape = (12, 10)
+    u = np.zeros((2, *shape))
+    mask = np.zeros(shape, bool)
+    mask[2:10, 2:8] = True
+    assert folding_pct(u, mask) == 0.0
+    u[0] = -2.0 * np.arange(shape[0])[:, None]  # x + u = -x along axis 0: det J = -1 everywhere
+    assert folding_pct(u, mask) == 100.0
+    u[0, 6:] = 0.0  # unfold rows 6.. (the mask's rows 2..9): rows 2-4 keep det -1, 5 mixes, 6-9 are fine
+    assert 0.0 < folding_pct(u, mask) < 100.0

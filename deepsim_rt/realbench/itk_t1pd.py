@@ -6,9 +6,9 @@ The two slices are aligned by construction, so the truth is known: for each seed
 (fixed -> moving, voxels, `smooth_field`) is drawn, the moving image is the T1 slice resampled so that
 moving(x + w(x)) = T1(x) (w inverted by fixed-point iteration, `invert_field`; its residual is recorded), and the
 fixed image is the PD slice (`--fixed t1`: the T1 slice itself, the same-contrast control). Every method returns a
-displacement u on the fixed grid (moving sampled at x + u(x)); the score is the mean end-point error
-|u - w| in mm inside the head mask (`mean_epe`), and folding % (det J <= 0). No tissue segmentation of these slices
-ships, so there is no Dice. The slices are given in the 2D nets' training axis order (`model_axes`).
+displacement u on the fixed grid (moving sampled at x + u(x)); the score is the mean end-point error |u - w| in mm
+inside the head mask (`mean_epe`), and folding % (det J <= 0) inside it (`folding_pct`). No tissue segmentation of
+these slices ships, so there is no Dice. The slices are given in the 2D nets' training axis order (`model_axes`).
 
 Ours run through the file pipeline (`run_register`: 2D NIfTI at 1 mm, the net at its training spacing, refinement
 on the model grid) exactly as `deepsim-rt register --model M [--refine 25 --refine-loss L]`; ANTs SyN through
@@ -31,7 +31,8 @@ import numpy as np
 
 from deepsim_rt._io import atomic_write
 
-__all__ = ["smooth_field", "invert_field", "warp_image", "mean_epe", "model_axes", "METHODS", "run", "markdown", "main"]
+__all__ = ["smooth_field", "invert_field", "warp_image", "mean_epe", "folding_pct", "model_axes", "METHODS", "run",
+           "markdown", "main"]
 
 FIELD_SIGMA_PX = 12.0  # Gaussian smoothing of the white noise (px = mm): gyri-scale, max |grad w| ~ 0.5 at 5 mm
 FIELD_MAX_MM = 5.0  # largest displacement in the head: inter-subject scale of a 2D slice
@@ -108,12 +109,16 @@ def model_axes(a: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.flip(a, 1).T)
 
 
-def _folding_pct(u: np.ndarray) -> float:
+def folding_pct(u: np.ndarray, mask: np.ndarray) -> float:
+    """% of the voxels in `mask` with det J(x + u(x)) <= 0 (u (2, *S) voxels; central differences on the full grid).
+    Inside the head only: ANTs' field read back through coordinate images is 0 where it maps outside the image,
+    which would count as folding at the border of the field of view."""
     import torch
 
-    from deepsim_rt.evaluate.metrics import folding_fraction
+    from deepsim_rt.evaluate.metrics import jacobian_determinant
 
-    return float(folding_fraction(torch.from_numpy(u.astype(np.float32))[None])[0]) * 100.0
+    det = jacobian_determinant(torch.from_numpy(u.astype(np.float32))[None])[0].numpy()
+    return float((det[np.asarray(mask, bool)] <= 0).mean() * 100.0)
 
 
 def _save(path: Path, a: np.ndarray) -> None:
@@ -194,7 +199,7 @@ def run(out: str | os.PathLike, seeds: int = 8, fixed: str = "pd", methods: list
                 else:
                     u = _ours(model, loss, work / "moving.nii.gz", work / "fixed.nii.gz", work / "out")
                 row.update(wall_seconds=time.perf_counter() - t0, cpu_seconds=time.process_time() - c0)
-            row.update(epe_mm=mean_epe(u, w, mask), folding_percent=_folding_pct(u), loadavg=list(os.getloadavg()),
+            row.update(epe_mm=mean_epe(u, w, mask), folding_percent=folding_pct(u, mask), loadavg=list(os.getloadavg()),
                        finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
             text = json.dumps(row, indent=1) + "\n"
             atomic_write(dest, lambda tmp, text=text: Path(tmp).write_text(text))
