@@ -16,8 +16,13 @@ What `register` does around the network (the network's input contract is in the 
      (B, C, *S); numpy or torch, any real dtype. A rank-(ndim + 1) input is ALWAYS read as (C, *S): batches must
      carry their channel axis. moving, fixed (and labels, with C = 1) must have the same form and sizes. Results
      come back in the form, array type and device of `moving` (float32 images, labels in their own dtype).
-  2. Intensities: min-max normalized per sample (over channels and voxels) to [0, 1], the "minmax" contract; a
-     constant image becomes all zeros. The warped image is mapped back to the moving image's own intensity range.
+  2. Intensities: normalized per sample (over channels and voxels) to [0, 1] by the model's input contract
+     (cfg.intensity, deepsim_rt.nn.intensity): "minmax" (min and max; the bundled defaults) or "percentile"
+     ((x - p0.5) / (p99.5 - p0.5) clipped, the synthesis-trained nets, so a bright scalp or an outlier voxel does
+     not squash the brain); a constant image becomes all zeros. The warped image is mapped back to the moving
+     image's own units (for "percentile": to its [p0.5, p99.5], the range the network saw). A "percentile" serving
+     artifact gets the raw, unpadded images and normalizes and pads them itself (percentiles are not idempotent,
+     see export.serving); its displacement equals the checkpoint's to fp32 rounding.
   3. Spatial sizes: padded to the network's multiple (2**stages), split evenly before / after on every axis, and
      cropped back. The pad mode follows the model's warp padding: "border" -> replicate padding, "zeros" -> zero
      padding (in normalized units, i.e. the image minimum). With that choice, warping the padded image and
@@ -46,10 +51,10 @@ import torch
 from deepsim_rt._checks import check_choice
 from deepsim_rt._io import file_sha256
 from deepsim_rt.export.metadata import ArtifactInfo
-from deepsim_rt.export.serving import minmax_normalize  # one definition, shared with the serving graphs
 from deepsim_rt.kernels import warp
 from deepsim_rt.nn.checkpoint import load_model
 from deepsim_rt.nn.config import NetConfig
+from deepsim_rt.nn.intensity import minmax_normalize, normalize  # one definition: training, runtime, serving graphs
 from deepsim_rt.refine.config import NO_MODEL, RefineConfig
 from deepsim_rt.transforms.pad import crop, pad_amounts, pad_to_multiple  # re-exported: runtime callers
 from deepsim_rt.transforms.resample import DEFAULT_LABEL_MODE, LABEL_MODES, warp_labels
@@ -317,9 +322,10 @@ class Registrator:
             export it first (verified against PyTorch unless verify=False) into `cache_dir`, default the persistent
             user cache keyed by checkpoint hash (export.cache: $DEEPSIM_RT_CACHE or ~/.cache/deepsim_rt), so each
             model is exported once per backend and device. An exported artifact runs on its own backend only.
-            Exported artifacts may be network-only ("minmax", sizes a multiple of 8) or serving graphs ("raw",
-            any size; metadata intensity / extra.graph say which): `register` works with both, because a serving
-            graph given normalized, padded inputs returns the network's output unchanged (export.serving).
+            Exported artifacts may be network-only ("minmax" / "percentile", sizes a multiple of 8) or serving
+            graphs ("raw", any size; metadata intensity / extra.graph say which): `register` works with both: a
+            "minmax" serving graph given normalized, padded inputs returns the network's output unchanged
+            (export.serving), a "percentile" one is given the raw images (module doc, item 2).
         device: "auto" (CUDA when available, else CPU), "cpu", "cuda[:i]".
         threads: intra-op threads for ONNX Runtime (None: its default).
         cuda_graph: backend "eager" on CUDA only: the network is captured in a CUDA graph per input shape and
@@ -440,17 +446,20 @@ class Registrator:
                 raise ValueError(f"mask must be shaped like fixed with one channel: fixed {tuple(f_t.shape)}, mask "
                                  f"{tuple(k_t.shape)}")
             mask_b = (mask_b != 0).to(self.device, torch.float32)
-        mov_n, lo, scale = minmax_normalize(m_b)
-        fix_n, _, f_scale = minmax_normalize(f_b)
+        mov_n, lo, scale = normalize(m_b, cfg.intensity)
+        fix_n, _, f_scale = normalize(f_b, cfg.intensity)
         for name, x, s in (("moving", m_b, scale), ("fixed", f_b, f_scale)):
             if bool((s == 0).any()):
-                # min-max maps a constant image to all zeros: the network still returns a (meaningless) field
-                warnings.warn(f"{name} image is constant (every voxel {float(x.flatten()[0]):g}): there is nothing "
-                              "to register, the displacement is not meaningful", RuntimeWarning, stacklevel=2)
+                # a constant image normalizes to all zeros: the network still returns a (meaningless) field
+                what = (f"constant (every voxel {float(x.flatten()[0]):g})" if cfg.intensity == "minmax" else
+                        "constant between its 0.5 and 99.5 % percentiles (>= 99 % of its voxels share one value)")
+                warnings.warn(f"{name} image is {what}: there is nothing to register, the displacement is not "
+                              "meaningful", RuntimeWarning, stacklevel=2)
         check_choice("label_mode", label_mode, LABEL_MODES)
         if refine is not None and not isinstance(refine, RefineConfig):
             raise ValueError(f"refine must be a RefineConfig or None, got {type(refine).__name__}")
-        warped_n, disp, scale_facts = self.network_displacement(mov_n, fix_n, spacing, refine=refine, mask=mask_b)
+        warped_n, disp, scale_facts = self.network_displacement(mov_n, fix_n, spacing, refine=refine, mask=mask_b,
+                                                                raw=(m_b, f_b))
         warped = warped_n * scale + lo
         warped_labels = None
         if labels_b is not None:
@@ -483,7 +492,8 @@ class Registrator:
         return refine(moving, fixed, init=init, config=cfg, mask=mask).displacement.float().contiguous()
 
     def network_displacement(self, mov_n: torch.Tensor, fix_n: torch.Tensor, spacing: Any = None,
-                             refine: RefineConfig | None = None, mask: torch.Tensor | None = None
+                             refine: RefineConfig | None = None, mask: torch.Tensor | None = None,
+                             raw: tuple[torch.Tensor, torch.Tensor] | None = None
                              ) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """The network on normalised (B, C, *S) inputs -> (warped normalised (B, C, *S), displacement
         (B, ndim, *S) in input voxels, facts). Padding to the network's multiple and cropping happen here.
@@ -496,7 +506,11 @@ class Registrator:
 
         refine: instance optimisation (deepsim_rt.refine) of the network's displacement on the grid the network ran
         on (its pyramid's finest level is the model's spacing: a 1 mm pair refines at 2 mm, 8x fewer voxels), or,
-        with refine.full_resolution, on the input grid. Without a network: from zero, on the input grid."""
+        with refine.full_resolution, on the input grid. Without a network: from zero, on the input grid.
+
+        raw: the (moving, fixed) images before normalization, which a "percentile" serving artifact needs (it
+        normalizes and pads them itself; on the model grid when resampled); without them such an artifact gets the
+        normalized images and re-normalizes them (off by a fraction of one order-statistic gap)."""
         from deepsim_rt.transforms.scale import SpacingPlan, check_spacing
 
         cfg = self.cfg
@@ -523,13 +537,24 @@ class Registrator:
         mov_in, fix_in = mov_n, fix_n
         if plan is not None and plan.resample:
             mov_in, fix_in = plan.image_to_model(mov_n), plan.image_to_model(fix_n)
-        pad_mode = "replicate" if cfg.padding == "border" else "zeros"
-        mov_p, pads = pad_to_multiple(mov_in, cfg.spatial_multiple, pad_mode)
-        fix_p, _ = pad_to_multiple(fix_in, cfg.spatial_multiple, pad_mode)
-        warped_p, disp_p = self.backend(mov_p.contiguous(), fix_p.contiguous())
-        warped_n = crop(warped_p, pads).float()
-        disp = crop(disp_p, pads).float().contiguous()
         resampled = plan is not None and plan.resample
+        if raw is not None and self.info.serving and cfg.intensity == "percentile":
+            # the graph normalizes, pads and crops itself: raw images in, the warp of our normalized image here
+            # (the graph's 'warped' is in raw units; this keeps warped_n in the units the eager path returns)
+            m_raw, f_raw = raw
+            if resampled:
+                with torch.inference_mode():
+                    m_raw, f_raw = plan.image_to_model(m_raw), plan.image_to_model(f_raw)
+            disp = self.backend(m_raw.contiguous(), f_raw.contiguous())[1].float().contiguous()
+            with torch.inference_mode():
+                warped_n = warp(mov_in, disp, mode="linear", padding=cfg.padding)
+        else:
+            pad_mode = "replicate" if cfg.padding == "border" else "zeros"
+            mov_p, pads = pad_to_multiple(mov_in, cfg.spatial_multiple, pad_mode)
+            fix_p, _ = pad_to_multiple(fix_in, cfg.spatial_multiple, pad_mode)
+            warped_p, disp_p = self.backend(mov_p.contiguous(), fix_p.contiguous())
+            warped_n = crop(warped_p, pads).float()
+            disp = crop(disp_p, pads).float().contiguous()
         refined_at = None
         if refine is not None and not (resampled and refine.full_resolution):
             mask_in = mask

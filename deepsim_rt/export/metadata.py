@@ -11,8 +11,10 @@ string->string dict (ONNX `metadata_props`, AOTI package metadata, a JSON sideca
     in_channels        channels of ONE image input (a registration model takes two such images)
     spatial_multiple   the network's multiple (2**stages); every spatial size fed to a network-only graph must be a
                        multiple of it (the runtime pads); a serving graph pads inside itself and takes any size
-    intensity          "minmax": each image scaled to [0, 1] by its own min and max before the call (network-only
-                       graphs); "raw": any float32 intensities, normalized inside the graph (serving graphs)
+    intensity          network-only graphs: the network's own contract (config "intensity", nn.intensity):
+                       "minmax" (each image scaled to [0, 1] by its own min and max before the call) or
+                       "percentile" (by its 0.5 / 99.5 % percentiles, clipped); serving graphs: "raw" (any float32
+                       intensities, normalized inside the graph by the config's contract)
     displacement_convention, displacement_units, channel_order, intensity_contract, size_contract
                        (format 1.1) the contract in words, for a reader without deepsim_rt (export.serving.CONTRACT)
     inputs / outputs   JSON lists of names, in call order (fixed arity)
@@ -98,7 +100,8 @@ class ArtifactInfo:
 
     @property
     def intensity(self) -> str:
-        """The input contract: "raw" (serving graph: any intensities) or the network's own ("minmax")."""
+        """The input contract: "raw" (serving graph: any intensities) or the network's own ("minmax" or
+        "percentile"; cfg.intensity says which one a serving graph applies inside)."""
         return self.input_intensity or self.cfg.intensity
 
     @property
@@ -127,7 +130,8 @@ def build_metadata(artifact: str, cfg: NetConfig, *, source_sha256: str = "", ex
     if intensity not in (None, cfg.intensity, RAW_INTENSITY):
         raise ValueError(f"intensity must be {cfg.intensity!r} or {RAW_INTENSITY!r}, got {intensity!r}")
     default_in, default_out = io_names(artifact, len(cfg.enc_channels))
-    words = contract_text(intensity or cfg.intensity, cfg.spatial_multiple) if artifact == "registration" else {}
+    words = (contract_text(intensity or cfg.intensity, cfg.spatial_multiple, cfg.intensity)
+             if artifact == "registration" else {})
     return {
         "format": ARTIFACT_FORMAT,
         "format_version": FORMAT_VERSION,

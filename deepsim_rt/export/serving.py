@@ -5,21 +5,24 @@
 
 What the graph does (exactly what `deepsim_rt.runtime.Registrator.register` does around a network, so the two agree
 to fp32 rounding):
-  1. per-sample min-max normalization of each image (over channels and voxels) to [0, 1]; a constant sample
-     becomes all zeros;
+  1. per-sample normalization of each image (over channels and voxels) to [0, 1] by the network's input contract
+     (cfg.intensity, deepsim_rt.nn.intensity): "minmax" (min and max) or "percentile" (0.5 / 99.5 % percentiles
+     by bisection, clipped); a constant sample becomes all zeros;
   2. padding of every spatial axis to the next multiple of the network's multiple (2**stages), split evenly
      before / after; "replicate" padding when the model warps with border padding, zeros otherwise;
   3. the network (U-Net, flow head, optional scaling-and-squaring integration) and the warp of the padded,
      normalized moving image;
   4. the crop back to the input size, and the warped image mapped back to the moving image's range
-     (warped * (max - min) + min).
+     (warped * scale + lo: (max - min) and min, or (p99.5 - p0.5) and p0.5).
 The pad amounts are computed from the (symbolic) input shape, so one exported graph serves every size from m + 1
 to 8192 per axis (m the network multiple; a padded axis of m would leave a one-voxel coarsest level, which the
 network's traced shape guards exclude): no multiple-of-8 condition, no Python before or after it.
 
-Feeding an already normalized, already padded pair gives the network's own output bit for bit (min 0 and max 1
-normalize to themselves, zero padding is no padding), which is why the runtime can run serving artifacts through
-the same `register` path as network-only ("minmax") artifacts.
+Feeding a "minmax" serving graph an already normalized, already padded pair gives the network's own output bit for
+bit (min 0 and max 1 normalize to themselves, zero padding is no padding), which is why the runtime can run those
+through the same `register` path as network-only ("minmax") artifacts. Percentiles are not idempotent (the
+interpolated p0.5 of a normalized image is a fraction of one order-statistic gap above 0, and padding changes the
+counts), so the runtime hands a "percentile" serving graph the raw, unpadded images instead (runtime.register).
 
 `CONTRACT` is the input/output contract in words, written into every artifact's metadata.
 """
@@ -28,6 +31,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+
+from deepsim_rt.nn.intensity import minmax_normalize, normalize  # one definition for training, runtime and graphs
 
 __all__ = ["ServingModule", "minmax_normalize", "serving_pad", "serving_crop", "CONTRACT", "contract_text"]
 
@@ -42,31 +47,28 @@ CONTRACT = {
 }
 
 
-def contract_text(intensity: str, multiple: int) -> dict[str, str]:
-    """CONTRACT plus the intensity and size contract of an artifact whose input intensity is `intensity`."""
+def contract_text(intensity: str, multiple: int, network_intensity: str = "minmax") -> dict[str, str]:
+    """CONTRACT plus the intensity and size contract of an artifact whose input intensity is `intensity` ("raw"
+    for a serving graph, else the network's own), for a network whose contract is `network_intensity`."""
     if intensity == "raw":
-        words = ("raw float32 intensities in any units; the graph min-max normalizes each sample itself and maps "
-                 "'warped' back to the moving image's own range")
+        how = ("min-max normalizes each sample itself" if network_intensity == "minmax" else
+               "percentile-normalizes each sample itself ((x - p0.5) / (p99.5 - p0.5) clipped to [0, 1], "
+               "percentiles over channels and voxels)")
+        words = (f"raw float32 intensities in any units; the graph {how} and maps 'warped' back to the moving "
+                 "image's own range")
         sizes = (f"any spatial size from {multiple + 1} to 8192 per axis (the graph pads to a multiple of {multiple} "
                  "and crops back)")
+    elif intensity == "percentile":
+        words = ("float32 inputs already percentile-normalized per sample by the caller: (x - p0.5) / (p99.5 - "
+                 "p0.5) clipped to [0, 1], the 0.5 and 99.5 % percentiles (torch.quantile 'linear') over channels "
+                 "and voxels (deepsim_rt.nn.intensity.percentile_normalize); raw intensities give meaningless "
+                 "displacements; 'warped' is in [0, 1] units")
+        sizes = f"every spatial size a multiple of {multiple} (the caller pads and crops)"
     else:
         words = ("float32 images already min-max normalized per sample to [0, 1] by the caller (x - min) / "
                  "(max - min); raw intensities give meaningless displacements; 'warped' is in [0, 1] units")
         sizes = f"every spatial size a multiple of {multiple} (the caller pads and crops)"
     return {**CONTRACT, "intensity_contract": words, "size_contract": sizes}
-
-
-def minmax_normalize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-sample min-max scaling of (B, C, *S) to [0, 1] (the "minmax" input contract).
-
-    Returns (normalized, lo, scale), lo and scale shaped (B, 1, ..., 1), so that x = normalized * scale + lo.
-    A constant sample has scale 0 and normalizes to all zeros. Traceable (no data-dependent Python branch).
-    """
-    dims = tuple(range(1, x.dim()))
-    lo = x.amin(dim=dims, keepdim=True)
-    scale = x.amax(dim=dims, keepdim=True) - lo
-    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-    return (x - lo) / safe, lo, scale
 
 
 def _pads(x: torch.Tensor, multiple: int) -> list[tuple]:
@@ -118,11 +120,12 @@ class ServingModule(nn.Module):
         self.cfg = regnet.cfg
         self.multiple = int(regnet.cfg.spatial_multiple)
         self.pad_mode = "replicate" if regnet.cfg.padding == "border" else "zeros"
+        self.intensity = regnet.cfg.intensity  # "minmax" | "percentile" (nn.intensity)
 
     def forward(self, moving: torch.Tensor, fixed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         spatial = tuple(moving.shape[2:])
-        mov_n, lo, scale = minmax_normalize(moving)
-        fix_n, _, _ = minmax_normalize(fixed)
+        mov_n, lo, scale = normalize(moving, self.intensity)
+        fix_n, _, _ = normalize(fixed, self.intensity)
         mov_p, pads = serving_pad(mov_n, self.multiple, self.pad_mode)
         fix_p, _ = serving_pad(fix_n, self.multiple, self.pad_mode)
         warped_p, disp_p = self.net(mov_p, fix_p)

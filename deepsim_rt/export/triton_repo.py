@@ -16,10 +16,13 @@ Layout written (atomically: a temporary folder renamed into place):
 
 The ONNX model should be a SERVING graph (export_onnx's registration default): raw float32 images of any size in,
 warped image in the moving image's units and displacement in voxels out, so clients send their images as they are
-and no Python runs before or after the model. A network-only ("minmax") graph is still accepted; its config says
-so in the deepsim_rt_intensity parameter (clients must normalize and pad). Engines from build_registration_engine
-are serving graphs too (2D: GridSample; 3D: the deepsim_rt::Warp3D plugin compiled into the engine, so the server
-needs no plugin library); an engine from an older flow-only 3D build has the single output "flow".
+and no Python runs before or after the model. A network-only ("minmax" or "percentile") graph is still accepted; its
+config says so in the deepsim_rt_intensity parameter (clients must normalize and pad). The deepsim_rt_normalization
+parameter names the network's contract either way ("minmax" | "percentile", deepsim_rt.nn.intensity): the
+normalization a serving graph applies inside, or the one a client must apply before a network-only graph.
+Engines from build_registration_engine are serving graphs too (2D: GridSample; 3D: the deepsim_rt::Warp3D plugin
+compiled into the engine, so the server needs no plugin library); an engine from an older flow-only 3D build has the
+single output "flow".
 Every config.pbtxt is parsed back with `google.protobuf.text_format` into the server's `ModelConfig` protobuf
 (shipped by the tritonclient package) before the folder is renamed into place.
 """
@@ -90,6 +93,7 @@ def model_config_text(info: ArtifactInfo, name: str, backend: str, max_batch_siz
         lines.append('optimization { execution_accelerators { gpu_execution_accelerator: [ { name: "tensorrt" '
                      'parameters { key: "precision_mode" value: "FP32" } } ] } }')
     lines.append(f'parameters: {{ key: "deepsim_rt_intensity" value: {{ string_value: "{info.intensity}" }} }}')
+    lines.append(f'parameters: {{ key: "deepsim_rt_normalization" value: {{ string_value: "{info.cfg.intensity}" }} }}')
     lines.append(f'parameters: {{ key: "deepsim_rt_graph" value: {{ string_value: "{graph}" }} }}')
     lines.append(f'parameters: {{ key: "deepsim_rt_spatial_multiple" value: {{ string_value: '
                  f'"{info.spatial_multiple}" }} }}')

@@ -17,7 +17,8 @@ summary.json. Thresholds (each stated in its message):
   grid size      (without a spacing to compare) any axis more than GRID_FACTOR (2x) above or below the training grid;
   orientation    the array axes' anatomical directions (nibabel aff2axcodes) differ from the training data's;
   intensities    min-max scaled, 99 % of the voxels below BRIGHT_OUTLIER_P99 (0.3) of the range (training images:
-                 0.95; a few hot voxels compress the contrast the network saw), or fewer than FEW_LEVELS (8)
+                 0.95; a few hot voxels compress the contrast the network saw; "minmax" models only: a
+                 "percentile" model's scaling ignores them), or fewer than FEW_LEVELS (8)
                  distinct values (a label map or mask given as the image). Constant images are warned about by
                  the runtime itself (deepsim_rt.runtime.Registrator.register) and pipeline.register.
 """
@@ -47,11 +48,14 @@ class TrainingProfile:
 
     spacing_mm: voxel size per array axis (tensor order); train_grid: spatial shape; axcodes: anatomical direction
     of each array axis (nibabel aff2axcodes letters, e.g. ("S", "A", "R") for the bundled atlas volumes).
+    intensity: the network's input contract (NetConfig.intensity: "minmax" | "percentile"); None when unknown,
+    treated as "minmax" (the bright-outlier warning only concerns min-max scaling). Not in `as_dict`.
     """
 
     spacing_mm: tuple[float, ...] | None = None
     train_grid: tuple[int, ...] | None = None
     axcodes: tuple[str, ...] | None = None
+    intensity: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {"spacing_mm": None if self.spacing_mm is None else list(self.spacing_mm),
@@ -89,9 +93,10 @@ def training_profile(model: str | os.PathLike) -> TrainingProfile:
         data = json.loads(meta.get("train", "{}")).get("config", {}).get("data")
     except (json.JSONDecodeError, AttributeError):
         data = None
+    cfg = NetConfig.from_json(meta["config"])
     if isinstance(data, str) and data in PRESETS:
-        axcodes = _atlas_axcodes(NetConfig.from_json(meta["config"]).ndim)
-    return TrainingProfile(spacing, grid, axcodes)
+        axcodes = _atlas_axcodes(cfg.ndim)
+    return TrainingProfile(spacing, grid, axcodes, cfg.intensity)
 
 
 def displacement_qc(u: np.ndarray, affine: np.ndarray | None = None, world: np.ndarray | None = None,
@@ -201,7 +206,8 @@ def input_warnings(role: str, data: np.ndarray, profile: TrainingProfile, affine
             out.append(f"{name}: only {levels} distinct intensities (fewer than {FEW_LEVELS}); is it a label map or "
                        "mask rather than an image?")
         else:
-            p99 = (float(np.percentile(data, 99)) - lo) / (hi - lo)
+            # a "percentile" model scales by the 0.5 / 99.5 % percentiles (nn.intensity): outliers do not matter
+            p99 = (float(np.percentile(data, 99)) - lo) / (hi - lo) if profile.intensity != "percentile" else 1.0
             if p99 < BRIGHT_OUTLIER_P99:
                 out.append(f"{name}: 99 % of voxels lie below {p99:.2f} of the intensity range [{lo:g}, {hi:g}] "
                            f"(training images: 0.95; warned below {BRIGHT_OUTLIER_P99:g}): a few bright outliers "
