@@ -11,14 +11,19 @@ zeros; for "percentile" scale is also 0 when >= 99 % of the voxels share one val
 Training on synthesized brains (data.synth.robust_normalize), the runtime (Registrator.register) and the serving
 graphs (export.serving.ServingModule) use these functions, so a "percentile" model sees the same inputs everywhere.
 
-Why bisection and not torch.quantile: ONNX has no quantile op, a sort of a 1 mm head (7M voxels) is not a TensorRT
-op, and TensorRT's TopK stops at K = 3840 (0.5 % of a 2 mm brain is 3500+ voxels, of a 1 mm head 35k).
-`percentile_bounds` finds each order statistic by PASSES bisection steps over [min, max] (per step: one compare and
-one sum per voxel, a fixed unrolled graph, no data-dependent shape), snaps it to the data value below the bracket,
-takes the next order statistic as the smallest value above it, and interpolates the two as torch.quantile's
-"linear" mode does. With float32 data the bracket after 32 steps is (max - min) / 2**32 wide, so even with a
-1000x outlier voxel the bound is off by < 3e-7 of (p99.5 - p0.5), and exact (bit for bit) whenever no two distinct
-values fall in the last bracket (always so for images with fewer than ~1e6 distinct levels spread over the range).
+Why bisection and not torch.quantile: ONNX has no quantile op, TensorRT has no sort, and its TopK stops at
+K = 3840 (0.5 % of a 2 mm brain is 3500+ voxels, of a 1 mm head 35k). `percentile_bounds` finds each order
+statistic by PASSES bisection steps on the value over [min, max] (per step one compare and one sum per voxel: a
+fixed unrolled graph, no data-dependent shape), snaps it to the largest data value <= the final bracket's top, takes
+the next order statistic as the same value (a tie) or the smallest value above it, and interpolates the two as
+torch.quantile's "linear" mode does (its float32 rank and torch.lerp's formula). The result is bit for bit
+torch.quantile's whenever the order statistic is the only distinct value in the final bracket, whose width is
+(max - min) / 2**32 (or one float32 ulp): measured equal on the atlas, the real slices, the 1 mm heads and random
+data (tests/test_intensity_contract.py); otherwise it is off by less than that width, relative to p99.5 - p0.5
+< 3e-7 with a 1000x outlier voxel, < 3e-4 with a 1e6x one (a corrupt voxel of 1e30 would defeat it). Counts
+are float32 sums: exact up to 2**24 voxels per sample (a 256**3 head).
+Cost (1 thread, 2 shared cores under load 8): a 2 mm brain (614k voxels) 0.25 s eager / 0.11 s ONNX Runtime
+(torch.quantile 0.16 s), a 1 mm head (7.1M) 3.7 s / 2.0 s (torch.quantile 2.1 s); min-max is < 0.2 s for both.
 """
 
 from __future__ import annotations
