@@ -90,8 +90,10 @@ check-gpu-static: $(STAMP) $(VENV36)/.installed
 
 # Train the 3D seg feature extractor + DeepSim_seg registration net at the paper widths on the 2 mm data
 # (<= 7 min on one H100/H200); safetensors + metrics JSON under $$OUT (else runs/gpu_train/).
+# RECIPE=default-3d-2mm (default: the bundled synthetic data) or synth-3d (brains synthesized from label maps)
+RECIPE ?= default-3d-2mm
 gpu-train:
-	$(PYTHON) -m benchmarks.gpu_train
+	$(PYTHON) -m benchmarks.gpu_train --recipe $(RECIPE)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check deepsim_rt tests benchmarks tools
