@@ -3,7 +3,7 @@ runtime and every serving graph. Known answers against torch.quantile and data.s
 synthesis nets were trained on), outlier and constant images, batch independence, the ONNX ops it exports to
 (run in onnxruntime), the serving graph in PyTorch against the runtime, metadata and Triton round trips, the old
 "minmax" models unchanged, the QC warning. The exported serving graphs (ONNX, AOTI) are compiled in the slow tests
-at the end (ONNX ~1 min, AOTI ~11 min under load on 2 shared cores).
+at the end (ONNX ~1 min, AOTI ~7-11 min under load on 2 shared cores).
 """
 
 from __future__ import annotations
@@ -349,8 +349,8 @@ def test_onnx_percentile_serving_graph_matches_runtime(tmp_path):
 
 @pytest.mark.slow
 def test_aoti_percentile_serving_package_matches_runtime(tmp_path):
-    """The compile is long: 654 s export + verification under load 8 (nice 10) on 2 shared cores (the minmax
-    graph: ~40-50 s idle); the 64 unrolled bisection reductions are most of it. Measured 1.2e-6 voxels off."""
+    """The compile is long: 400-650 s (this test; export + verification) under load 7-8 (nice 10) on 2 shared
+    cores, the minmax graph ~40-50 s idle: the unrolled bisection's 130 reductions. Measured 1.2e-6 voxels off."""
     from deepsim_rt.export.aoti import export_aoti
 
     net = random_regnet(2, seed=31, intensity="percentile")
