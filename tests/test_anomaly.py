@@ -247,3 +247,26 @@ def test_detector_input_errors(seg2d):
         det.detect(np.ones((0, 8)), np.ones((0, 8)))
     with pytest.raises(ValueError, match="displacement must be"):
         change_maps(seg2d, torch.rand(1, 1, 8, 8), torch.rand(1, 1, 8, 8), torch.zeros(1, 2, 8, 4))
+
+
+
+def _spike_change(extractor: torch.nn.Module) -> float:
+    """Largest change of the semantic map (away from the spike) when one voxel at 1000x the maximum is added to
+    both images of a pair, relative to the map's largest value without it."""
+    det = ChangeDetector(None, extractor)
+    img = load_atlas(2, 2).image[0, 0].numpy()
+    moved = np.roll(img, 2, axis=0)
+    spiked, spiked_moved = img.copy(), moved.copy()
+    spiked[0, 0] = spiked_moved[0, 0] = 1000.0 * img.max()
+    clean = det.detect(moved, img).semantic[0]
+    spiky = det.detect(spiked_moved, spiked).semantic[0]
+    return float((clean - spiky)[8:, 8:].abs().max() / clean[8:, 8:].abs().max())
+
+
+def test_detector_normalizes_as_its_extractor_was_trained(seg2d):
+    # The synth-2d extractor was trained on percentile-normalized brains (config intensity "percentile"): a bright
+    # voxel must not squash the rest of the image, as min-max (the bundled extractor's contract) does.
+    synth = load_extractor(bundled_model_path("default-2d", "seg").parents[1] / "synth-2d" / "seg.safetensors", 2)
+    assert synth.cfg.intensity == "percentile" and seg2d.cfg.intensity == "minmax"
+    assert _spike_change(synth) < 0.01
+    assert _spike_change(seg2d) > 0.5  # min-max: the brain is squashed to ~1e-3 of the range, the maps change

@@ -32,7 +32,8 @@ from deepsim_rt.anomaly.roc import roc_auc
 from deepsim_rt.anomaly.scores import COMBINE, JACOBIAN_FLOOR, change_maps
 from deepsim_rt.data.changes import ChangeBenchmark
 from deepsim_rt.data.synthetic import gaussian_blur
-from deepsim_rt.runtime import Registrator, minmax_normalize, resolve_model
+from deepsim_rt.nn.intensity import normalize
+from deepsim_rt.runtime import Registrator, resolve_model
 
 __all__ = ["ChangeEvalConfig", "evaluate_changes", "METHODS", "HEADLINE", "markdown_table", "TIE_P"]
 
@@ -112,8 +113,8 @@ def evaluate_changes(cfg: ChangeEvalConfig, figure: bool = True, log=print) -> d
     for k in range(len(bench)):
         case = bench[k]
         m, f = case.moving[None], case.fixed[None]
-        m_n, _, _ = minmax_normalize(m)
-        f_n, _, _ = minmax_normalize(f)
+        m_n, _, _ = normalize(m, extractor.cfg.intensity)  # the extractor's own contract
+        f_n, _, _ = normalize(f, extractor.cfg.intensity)
         maps = {"none": change_maps(extractor, m_n, f_n, None)}
         for name, reg in nets.items():
             disp = reg.register(m, f).displacement

@@ -22,7 +22,8 @@ from torch import nn
 
 from deepsim_rt.anomaly.scores import ChangeMaps, change_maps
 from deepsim_rt.nn.checkpoint import load_model
-from deepsim_rt.runtime import BUNDLED_MODELS, Registrator, as_batch, bundled_model_path, minmax_normalize
+from deepsim_rt.nn.intensity import normalize
+from deepsim_rt.runtime import BUNDLED_MODELS, Registrator, as_batch, bundled_model_path
 
 __all__ = ["ChangeDetector", "resolve_extractor", "load_extractor"]
 
@@ -115,8 +116,9 @@ class ChangeDetector:
             disp = self.registrator.register(m, f).displacement
             padding = self.registrator.cfg.padding
         dev = self.device
-        m_n, _, _ = minmax_normalize(m.to(dev))
-        f_n, _, _ = minmax_normalize(f.to(dev))
+        # The extractor sees images normalized the way it was trained (its config's intensity contract).
+        m_n, _, _ = normalize(m.to(dev), self.extractor.cfg.intensity)
+        f_n, _, _ = normalize(f.to(dev), self.extractor.cfg.intensity)
         maps = change_maps(self.extractor, m_n, f_n, None if disp is None else disp.to(dev), padding=padding)
         return ChangeMaps(**{k: (tuple(t.cpu() for t in v) if isinstance(v, tuple) else v.cpu())
                              for k, v in vars(maps).items()})

@@ -14,6 +14,7 @@ What is written, in which format and convention: `deepsim-rt register --help` (d
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 import warnings
@@ -117,7 +118,8 @@ def register_pair(reg, pair: Pair, affine: str | None = None, label_mode: str | 
 
     from deepsim_rt.pipeline import qc
 
-    profile = qc.training_profile(reg.source)
+    # An exported artifact (.onnx/.pt2) has no checkpoint profile to read the contract from: take it from the config.
+    profile = dataclasses.replace(qc.training_profile(reg.source), intensity=reg.cfg.intensity)
     seen = {"moving": (m_arr, pair.moving.affine), "fixed": (f_arr, pair.fixed.affine)}  # what the network sees
     orientation = world = u_net = mask = None
     masks = {role: None if img is None else (img.spatial(nd, f"{role} mask"), img.affine)
