@@ -121,6 +121,10 @@ def _batch_cmd(args: argparse.Namespace, refine: Any) -> int:
 BACKEND_CHOICES = ("auto", "eager", "compile", "onnxruntime", "aoti", "tensorrt")
 
 
+# transforms.affine.AFFINE_CHOICES, written out so that --help imports no torch (tests/test_register_cli.py checks)
+AFFINE_CHOICES = ("rigid", "affine", "rigid-nmi", "affine-nmi")
+
+
 def add_subcommands(subparsers) -> None:
     p = subparsers.add_parser(
         "register", help="register a moving image onto a fixed image (NIfTI, PNG or NPY)",
@@ -145,9 +149,11 @@ def add_subcommands(subparsers) -> None:
     p.add_argument("--label-mode", default=None, choices=("generic", "nearest"),
                    help="label warping: generic (ANTs genericLabel: each label's indicator linearly, arg-max) or "
                         "nearest (default: generic)")
-    p.add_argument("--affine", default=None, choices=("rigid", "affine"),
-                   help="NIfTI only: rigid or affine pre-alignment (moments + Adam on NCC at 8 and 4 mm) before the "
-                        "network, composed into the saved transforms (default: none)")
+    p.add_argument("--affine", default=None, choices=AFFINE_CHOICES,
+                   help="NIfTI only: rigid or affine pre-alignment (moments + Adam on global NCC at 8 and 4 mm) "
+                        "before the network, composed into the saved transforms; rigid-nmi / affine-nmi optimise "
+                        "normalized mutual information instead, for images of different contrast (T1 -> T2: NCC's "
+                        "affine can end worse than none) (default: none)")
     p.add_argument("--model", default=None,
                    help="default-2d, default-3d, a .safetensors/.onnx/.pt2/.plan path, or none (with --refine: "
                         "pure optimisation from zero) (default: the bundled model matching the data's "

@@ -209,6 +209,28 @@ def test_affine_only_writes_no_dense_field_and_apply_takes_the_mat(tmp_path, run
     np.testing.assert_allclose(a, ref, rtol=0, atol=1e-3)
 
 
+def test_affine_nmi_through_register_across_contrast(tmp_path, run_cli):
+    """`--affine rigid-nmi` reaches the pre-alignment: a shifted blob against the fixed blob with its contrast
+    inverted inside (a non-monotone map) is recovered, and summary.json records the metric."""
+    from deepsim_rt.transforms.itk_affine import read_itk_affine
+
+    shape = (28, 26, 24)
+    aff = np.diag([2.0, 2.0, 2.0, 1.0])
+    aff[:3, 3] = (-20, -30, -25)
+    fixed = _blob(shape, 1)
+    inverted = np.where(fixed > 0.05 * fixed.max(), 1.05 * fixed.max() - fixed, fixed)
+    _nii(tmp_path / "m.nii.gz", _blob(shape, 1, shift=(2.0, -1.5, 1.0)), aff)
+    _nii(tmp_path / "f.nii.gz", inverted, aff)
+    rc, text = run_cli("register", "--moving", str(tmp_path / "m.nii.gz"), "--fixed", str(tmp_path / "f.nii.gz"),
+                       "--out", str(tmp_path / "o"), "--model", "none", "--affine", "rigid-nmi", "--refine", "0",
+                       "--device", "cpu")
+    assert rc == 0, text
+    summary = json.loads((tmp_path / "o" / "summary.json").read_text())
+    assert summary["grid"]["affine"]["metric"] == "nmi", summary["grid"]["affine"]
+    w = read_itk_affine(tmp_path / "o" / "affine.mat")
+    assert np.allclose(w[:3, 3], (4.0, -3.0, 2.0), atol=1.0), w
+
+
 def test_apply_default_padding_is_registers(tmp_path, model2d, run_cli):
     """Same-grid pair: register warps with the networks' border padding; apply's default reproduces it (was zeros,
     up to 91 of 240 different at the edges); --padding zeros still differs there."""

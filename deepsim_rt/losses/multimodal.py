@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from deepsim_rt.losses._inputs import acc_dtype, check_image_pair
 from deepsim_rt.losses.base import Similarity
 
-__all__ = ["mind_ssc", "mind", "nmi", "nmi_loss", "MIND", "NMI", "DEFAULT_MIND_RADIUS", "DEFAULT_MIND_DILATION",
+__all__ = ["mind_ssc", "mind", "nmi", "nmi_loss", "parzen_weights", "nmi_of_weights", "MIND", "NMI",
+           "DEFAULT_MIND_RADIUS", "DEFAULT_MIND_DILATION",
            "DEFAULT_NMI_BINS"]
 
 DEFAULT_MIND_RADIUS = 1  # patch = 3^ndim voxels (the MIND-SSC paper's smallest patch; 2 mm voxels)
@@ -98,19 +99,27 @@ def _parzen(x: torch.Tensor, bins: int) -> torch.Tensor:
     return w / w.sum(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
+def parzen_weights(x: torch.Tensor, bins: int = DEFAULT_NMI_BINS) -> torch.Tensor:
+    """(B, C, *S) intensities in [0, 1] (clamped) -> (B, N, bins) Parzen weights, N = C * prod(S): one image's
+    half of `nmi`, to compute once for an image that does not change between steps (a fixed image)."""
+    return _parzen(x.to(acc_dtype(x)).flatten(1).clamp(0, 1), bins)
+
+
+def nmi_of_weights(wa: torch.Tensor, wb: torch.Tensor) -> torch.Tensor:
+    """`nmi` from two images' `parzen_weights` (B, N, bins) each -> 0-dim, in [1, 2]."""
+    joint = torch.einsum("bni,bnj->bij", wa, wb) / wa.shape[1]
+    pa, pb = joint.sum(dim=2), joint.sum(dim=1)
+    ent = lambda p: -(p * torch.log(p.clamp_min(1e-12))).flatten(1).sum(dim=1)  # noqa: E731
+    return ((ent(pa) + ent(pb)) / ent(joint).clamp_min(1e-12)).mean()
+
+
 def nmi(a: torch.Tensor, b: torch.Tensor, bins: int = DEFAULT_NMI_BINS) -> torch.Tensor:
     """Normalized mutual information (H(A) + H(B)) / H(A, B) per batch item, averaged: (B, C, *S) x2 -> 0-dim in
     [1, 2]. Intensities are expected in [0, 1] (values outside are clamped); channels are pooled."""
     check_image_pair(("a", "b"), a, b)
     if isinstance(bins, bool) or not isinstance(bins, int) or bins < 2:
         raise ValueError(f"bins must be an int >= 2, got {bins!r}")
-    acc = acc_dtype(a)
-    wa = _parzen(a.to(acc).flatten(1).clamp(0, 1), bins)
-    wb = _parzen(b.to(acc).flatten(1).clamp(0, 1), bins)
-    joint = torch.einsum("bni,bnj->bij", wa, wb) / wa.shape[1]
-    pa, pb = joint.sum(dim=2), joint.sum(dim=1)
-    ent = lambda p: -(p * torch.log(p.clamp_min(1e-12))).flatten(1).sum(dim=1)  # noqa: E731
-    return ((ent(pa) + ent(pb)) / ent(joint).clamp_min(1e-12)).mean()
+    return nmi_of_weights(parzen_weights(a, bins), parzen_weights(b, bins))
 
 
 def nmi_loss(a: torch.Tensor, b: torch.Tensor, bins: int = DEFAULT_NMI_BINS) -> torch.Tensor:

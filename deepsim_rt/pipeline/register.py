@@ -102,8 +102,9 @@ def _constant_warning(role: str, arr: np.ndarray) -> str | None:
 def register_pair(reg, pair: Pair, affine: str | None = None, label_mode: str | None = None,
                   refine: Any = None) -> PairResult:
     """Register a read pair with a loaded Registrator; returns the outputs (in memory) and the summary.
-    affine: None | "rigid" | "affine" pre-alignment (NIfTI only); label_mode: "generic" | "nearest" (None: the
-    default, deepsim_rt.transforms.resample.DEFAULT_LABEL_MODE)."""
+    affine: None | "rigid" | "affine" | "rigid-nmi" | "affine-nmi" pre-alignment (NIfTI only; -nmi: mutual
+    information, across contrasts); label_mode: "generic" | "nearest" (None: the default,
+    deepsim_rt.transforms.resample.DEFAULT_LABEL_MODE)."""
     from deepsim_rt.transforms.resample import DEFAULT_LABEL_MODE
 
     label_mode = label_mode or DEFAULT_LABEL_MODE

@@ -1,7 +1,7 @@
 """The world-space steps around a registration of images with affines (NIfTI), for
 `deepsim-rt register` (pipeline.register).
 
-    prep = prepare_pair(moving, moving_affine, fixed, fixed_affine, affine="rigid"|"affine"|None)
+    prep = prepare_pair(moving, moving_affine, fixed, fixed_affine, affine="affine"|"affine-nmi"|...)
     res = registrator.register(prep.moving_on_fixed, fixed, spacing=prep.fixed.spacing, ...)
     out = prep.finish(res.displacement, moving, labels, label_mode, padding)   # when prep.resampled
 
@@ -66,7 +66,8 @@ class PreparedPair:
 def prepare_pair(moving: np.ndarray, moving_affine: np.ndarray, fixed: np.ndarray, fixed_affine: np.ndarray,
                  affine: str | None = None, names: tuple[str, str] = ("moving", "fixed")) -> PreparedPair:
     """Grids of moving (*S_m) and fixed (*S_f) from their NIfTI affines (degenerate affines: ValueError), the
-    optional pre-alignment ("rigid" | "affine", transforms.affine), and moving resampled onto the fixed grid."""
+    optional pre-alignment ("rigid" | "affine", "-nmi" for mutual information: transforms.affine.parse_affine), and
+    moving resampled onto the fixed grid."""
     nd = fixed.ndim
     mg = Grid.of(moving.shape, moving_affine, names[0])
     fg = Grid.of(fixed.shape, fixed_affine, names[1])
@@ -75,10 +76,12 @@ def prepare_pair(moving: np.ndarray, moving_affine: np.ndarray, fixed: np.ndarra
     facts: dict = {"moving_grid": mg.as_dict(), "fixed_grid": fg.as_dict(), "affine": None}
     world = None
     if affine is not None:
-        from deepsim_rt.transforms.affine import affine_align
+        from deepsim_rt.transforms.affine import affine_align, parse_affine
 
+        kind, metric = parse_affine(affine)
         world, facts["affine"] = affine_align(torch.from_numpy(np.asarray(moving, np.float32)), mg,
-                                              torch.from_numpy(np.asarray(fixed, np.float32)), fg, kind=affine)
+                                              torch.from_numpy(np.asarray(fixed, np.float32)), fg, kind=kind,
+                                              metric=metric)
     prep = PreparedPair(mg, fg, np.asarray(moving, dtype=np.float32), world, facts)
     facts["moving_resampled_to_fixed_grid"] = prep.resampled
     if prep.resampled:

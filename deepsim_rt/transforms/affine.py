@@ -1,5 +1,8 @@
-"""Rigid / affine pre-alignment in world space: moments initialisation, then a short Adam optimisation of global
-NCC on coarse grids (torch, CPU or GPU).
+"""Rigid / affine pre-alignment in world space: moments initialisation, then a short Adam optimisation of a global
+similarity on coarse grids (torch, CPU or GPU): NCC (same contrast, the default) or normalized mutual information
+("nmi": Parzen joint histogram, 32 bins; across contrasts, where a global linear relation between the two images'
+intensities does not exist and NCC drifts: a T1 brain onto a T2-like one, 6 real pairs at 2 mm, NCC's affine made
+the Dice over 12 structures fall below no registration, 0.472 vs 0.543).
 
 Result: W, an (nd + 1)-square matrix mapping FIXED-world points (mm, RAS) to MOVING-world points, the direction
 of ITK transforms (the moving image resampled onto the fixed grid is moving(A_m^-1 W A_f p)).
@@ -21,9 +24,18 @@ import torch
 from deepsim_rt.transforms.grid import Grid, grid_with_spacing
 from deepsim_rt.transforms.resample import decimate_for_spacing, grid_coords, identity_coords, sample
 
-__all__ = ["affine_align", "center_of_mass", "AFFINE_KINDS", "LEVELS_MM"]
+__all__ = ["affine_align", "center_of_mass", "parse_affine", "AFFINE_KINDS", "AFFINE_METRICS", "AFFINE_CHOICES",
+           "LEVELS_MM"]
 
 AFFINE_KINDS = ("rigid", "affine")
+AFFINE_METRICS = ("ncc", "nmi")
+# What --affine accepts: the kind, optionally "-nmi" for the multimodal metric ("affine" = "affine-ncc").
+AFFINE_CHOICES = ("rigid", "affine", "rigid-nmi", "affine-nmi")
+_NMI_BINS = 32
+# NMI's Parzen histogram costs bins x voxels per step: at most this many fixed-grid points per level, a regular
+# strided subset (as ITK's Mattes MI samples a fraction of the voxels). 1 mm fsaverage at 4 mm is 262k points:
+# 151 s for an affine at load 6 with all of them.
+_NMI_POINTS = 2**15
 LEVELS_MM = (8.0, 4.0)  # a brain is ~20 voxels across at 8 mm: the capture range is wide; 4 mm refines it
 _LR = {"r": 0.02, "t": 1.0, "s": 0.01}  # Adam steps: ~1 degree, 1 mm, 1 % per step at the coarsest level
 
@@ -71,6 +83,16 @@ def _matrix(r, t, s, c, nd: int) -> torch.Tensor:
     return w
 
 
+def parse_affine(spec: str) -> tuple[str, str]:
+    """--affine value -> (kind, metric): "affine" -> ("affine", "ncc"), "rigid-nmi" -> ("rigid", "nmi")."""
+    kind, dash, metric = str(spec).partition("-")
+    metric = metric if dash else "ncc"
+    if kind not in AFFINE_KINDS or metric not in AFFINE_METRICS:
+        raise ValueError(f"affine must be one of {AFFINE_CHOICES} (kind, optionally -nmi for images of different "
+                         f"contrast), got {spec!r}")
+    return kind, metric
+
+
 def _ncc(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     a = a - a.mean()
     b = b - b.mean()
@@ -78,15 +100,38 @@ def _ncc(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def affine_align(moving: torch.Tensor, moving_grid: Grid, fixed: torch.Tensor, fixed_grid: Grid,
-                 kind: str = "affine", steps: int = 80, levels_mm=LEVELS_MM) -> tuple[np.ndarray, dict]:
+                 kind: str = "affine", steps: int = 80, levels_mm=LEVELS_MM,
+                 metric: str = "ncc") -> tuple[np.ndarray, dict]:
     """Estimate W (fixed world -> moving world, (nd + 1)-square float64) for spatial images moving (*S_m) and
-    fixed (*S_f) on their grids. kind: "rigid" | "affine". Returns (W, facts), facts JSON-ready: kind, NCC after
-    the moments initialisation and after optimising (finest level), rotation (degrees), centre translation (mm)."""
+    fixed (*S_f) on their grids. kind: "rigid" | "affine"; metric: "ncc" | "nmi" (module docstring). Returns (W,
+    facts), facts JSON-ready: kind, metric, the similarity after the moments initialisation and after optimising
+    (finest level; NMI in [1, 2]), rotation (degrees), centre translation (mm)."""
     if kind not in AFFINE_KINDS:
         raise ValueError(f"affine kind must be one of {AFFINE_KINDS}, got {kind!r}")
+    if metric not in AFFINE_METRICS:
+        raise ValueError(f"affine metric must be one of {AFFINE_METRICS}, got {metric!r}")
     nd = fixed_grid.ndim
-    mov = _minmax(moving.detach().to(torch.float32).cpu())[None, None]
-    fix = _minmax(fixed.detach().to(torch.float32).cpu())[None, None]
+    if metric == "nmi":
+        from deepsim_rt.losses.multimodal import nmi_of_weights, parzen_weights
+        from deepsim_rt.nn.intensity import percentile_normalize
+
+        # Percentiles, not min-max: one bright voxel would put the whole brain into the lowest histogram bins.
+        def scaled(x: torch.Tensor) -> torch.Tensor:
+            return percentile_normalize(x.detach().to(torch.float32).cpu()[None, None])[0]
+
+        fixed_weights: dict[int, torch.Tensor] = {}  # the fixed level's Parzen weights, once (half the cost)
+
+        def measure(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            if id(b) not in fixed_weights:
+                fixed_weights[id(b)] = parzen_weights(b, _NMI_BINS)
+            return nmi_of_weights(parzen_weights(a, _NMI_BINS), fixed_weights[id(b)]) - 1.0  # in [0, 1], like NCC
+    else:
+        def scaled(x: torch.Tensor) -> torch.Tensor:
+            return _minmax(x.detach().to(torch.float32).cpu())[None, None]
+
+        measure = _ncc
+    mov = scaled(moving)
+    fix = scaled(fixed)
     c_f = center_of_mass(fix[0, 0], fixed_grid)
     c_m = center_of_mass(mov[0, 0], moving_grid)
     c = torch.as_tensor(c_f, dtype=torch.float64)
@@ -105,13 +150,20 @@ def affine_align(moving: torch.Tensor, moving_grid: Grid, fixed: torch.Tensor, f
         inv_m = torch.as_tensor(np.linalg.inv(m_grid.affine), dtype=torch.float64)
         a = torch.as_tensor(coarse.affine, dtype=torch.float64)
         world = torch.einsum("ij,j...->i...", a[:nd, :nd], identity_coords(coarse.shape, dtype=torch.float64))
-        levels.append((f_c, m_s, world + a[:nd, nd].view(nd, *([1] * nd)), inv_m))
+        world = world + a[:nd, nd].view(nd, *([1] * nd))
+        if metric == "nmi" and f_c.numel() > _NMI_POINTS:
+            # a regular strided subset of the level's points, kept in an (n, 1, ..) spatial shape for `sample`
+            keep = torch.arange(0, f_c.numel(), -(-f_c.numel() // _NMI_POINTS))
+            tail = (1,) * (nd - 1)
+            f_c = f_c.reshape(1, 1, -1)[:, :, keep].reshape(1, 1, -1, *tail)
+            world = world.reshape(nd, -1)[:, keep].reshape(nd, -1, *tail)
+        levels.append((f_c, m_s, world, inv_m))
 
     def similarity(level) -> torch.Tensor:
         f_c, m_s, world, inv_m = level
         vox = inv_m @ _matrix(r, t, s, c, nd)  # fixed world -> moving voxel
         q = torch.einsum("ij,j...->i...", vox[:nd, :nd], world) + vox[:nd, nd].view(nd, *([1] * nd))
-        return _ncc(sample(m_s, q[None].to(torch.float32), "linear", "border"), f_c)
+        return measure(sample(m_s, q[None].to(torch.float32), "linear", "border"), f_c)
 
     with torch.no_grad():
         before = float(similarity(levels[-1]))
@@ -133,7 +185,8 @@ def affine_align(moving: torch.Tensor, moving_grid: Grid, fixed: torch.Tensor, f
     u_, _, vt = np.linalg.svd(b)
     rot = u_ @ vt
     angle = math.degrees(math.acos(np.clip((np.trace(rot) - (nd - 2)) / 2, -1.0, 1.0)))
-    facts = {"kind": kind, "ncc_moments_init": round(before, 4), "ncc_after": round(after, 4),
+    facts = {"kind": kind, "metric": metric, f"{metric}_moments_init": round(before + (metric == "nmi"), 4),
+             f"{metric}_after": round(after + (metric == "nmi"), 4),
              "rotation_deg": round(angle, 3), "centre_translation_mm": np.round(t.detach().numpy(), 3).tolist(),
              "matrix_fixed_to_moving_world": np.round(w, 6).tolist(), "levels_mm": list(levels_mm),
              "steps_per_level": steps}
