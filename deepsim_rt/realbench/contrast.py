@@ -92,17 +92,15 @@ def t2like_brain(brain, out: str | os.PathLike):
                                _arrays={})
 
 
-def run_ants_affine_then_ours(method, mov: Path, fix: Path, labels: Path | None, ndim: int,
-                              work: Path) -> dict:
+def run_ants_affine_then_ours(method, mov: Path, fix: Path, labels: Path | None, ndim: int, work: Path,
+                              run_ours, ants) -> dict:
     """kind "antsaff+ours": ANTs `Affine` (Mattes mutual information, random_seed 1; intensity-agnostic, unlike our
     global-NCC pre-alignment) resamples the moving image (linear) and its labels (genericLabel) onto the fixed grid,
     then ours runs from there with no pre-alignment of its own (`method` with affine None). -> the runner's result
-    dict; seconds / CPU seconds cover both steps, folding is of our deformable field (an affine does not fold)."""
+    dict; seconds / CPU seconds cover both steps, folding is of our deformable field (an affine does not fold).
+    run_ours / ants: the runner's `_run_ours` and its antspyx module (passed in: runner imports this module)."""
     import time
 
-    from deepsim_rt.realbench import runner
-
-    ants = runner._ants()
     t0, c0 = time.perf_counter(), time.process_time()
     f, mo = ants.image_read(str(fix)), ants.image_read(str(mov))
     reg = ants.registration(f, mo, type_of_transform="Affine", outprefix=str(work / "aff_"), random_seed=1)
@@ -115,7 +113,7 @@ def run_ants_affine_then_ours(method, mov: Path, fix: Path, labels: Path | None,
         ants.image_write(wl, str(lab_a))
     wall_a, cpu_a = time.perf_counter() - t0, time.process_time() - c0
     (work / "ours").mkdir(exist_ok=True)
-    res = runner._run_ours(dataclasses.replace(method, affine=None), mov_a, fix, lab_a, ndim, work / "ours")
+    res = run_ours(dataclasses.replace(method, affine=None), mov_a, fix, lab_a, ndim, work / "ours")
     res["seconds"] += wall_a
     res["wall_seconds"] += wall_a
     res["cpu_seconds"] += cpu_a

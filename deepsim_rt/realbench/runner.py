@@ -292,7 +292,7 @@ def run_one(pair: PairSpec, method: Method, brains: dict[str, rb.RealBrain], wor
     elif method.kind == "antsaff+ours":
         from deepsim_rt.realbench.contrast import run_ants_affine_then_ours
 
-        res = run_ants_affine_then_ours(method, mov, fix, labels, ndim, work)
+        res = run_ants_affine_then_ours(method, mov, fix, labels, ndim, work, _run_ours, _ants())
     else:
         res = _run_ants(method, mov, fix, labels, ndim, work)
     fixed_img, f_aff = _load(getattr(bf, pair.fixed_part))
