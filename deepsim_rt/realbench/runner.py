@@ -142,6 +142,14 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     *(Method(f"world+net+refine:{loss}", f"default net + refine, {loss}, no affine (world coordinates)", "ours",
              model="default", affine=None, refine={"loss": loss}, ndims=(3,))
       for loss in ("deepsim_seg", "ncc", "mind", "nmi")),
+    # ... and from our own mutual-information affine (--affine affine-nmi, transforms.affine metric "nmi")
+    Method("affine-nmi", "affine only, mutual information (ours: --affine affine-nmi --model none)", "ours",
+           model="none", affine="affine-nmi", refine={"iterations": 0}, ndims=(3,)),
+    Method("nmiaff+net", "default-3d after --affine affine-nmi", "ours", model="default-3d", affine="affine-nmi",
+           ndims=(3,)),
+    *(Method(f"nmiaff+net+refine:{loss}", f"--affine affine-nmi, default net + refine, {loss}", "ours",
+             model="default", affine="affine-nmi", refine={"loss": loss}, ndims=(3,))
+      for loss in ("deepsim_seg", "ncc", "mind")),
     # ... and from ANTs' mutual-information affine instead of ours (realbench.contrast.run_ants_affine_then_ours)
     Method("antsaff+net", "ANTs Affine (MI), then default-3d", "antsaff+ours", model="default-3d", ndims=(3,)),
     *(Method(f"antsaff+net+refine:{loss}", f"ANTs Affine (MI), then default net + refine, {loss}", "antsaff+ours",
