@@ -61,3 +61,19 @@ def test_report_shows_file_methods_with_their_label_and_the_synthesis_target():
     assert "| synth-3d DeepSim_seg net after affine | 2/2 | 0.730 |" in "\n".join(table)
     # METHODS order first, then the file methods, labelled from their rows
     assert table[-1].startswith("| r/model_step50.safetensors after affine | 1/2 | 0.650 |")
+
+
+def test_the_committed_synth_3d_nets_are_3d_percentile_2mm_registration_nets_with_their_recipe():
+    import json
+
+    from deepsim_rt.nn.checkpoint import load_config, read_metadata, read_spacing
+
+    for file in ("reg.safetensors", "reg_ncc.safetensors"):
+        path = runner.SYNTH3D_DIR / file
+        cfg = load_config(path)
+        assert (cfg.kind, cfg.ndim, cfg.intensity) == ("reg", 3, "percentile")
+        assert read_spacing(path) == (2.0, 2.0, 2.0)
+        meta = read_metadata(path)
+        synth = json.loads(meta["synthesis"])
+        assert synth["ndim"] == 3 and synth["pair_affine"] == 0.2 and "label_maps" in synth
+        assert json.loads(meta["train"])["config"]["data"] == "synth-3d"
