@@ -47,6 +47,7 @@ from deepsim_rt.data import label_maps
 from deepsim_rt.data.atlas import LABEL_NAMES, default_slice_index
 from deepsim_rt.data.synthetic import gaussian_blur
 from deepsim_rt.kernels import integrate, warp
+from deepsim_rt.nn.intensity import percentile_normalize
 
 __all__ = ["SynthConfig", "SYNTH_PRESETS", "Rendered", "robust_normalize", "render", "render_pair", "base_map",
            "random_deformation", "random_affine", "pair_shared_affine", "CONTRASTS", "synth_seed"]
@@ -184,15 +185,13 @@ def robust_normalize(x: torch.Tensor, lo_pct: float = 0.5, hi_pct: float = 99.5)
     """Per image of (B, C, *S): (x - p_lo) / (p_hi - p_lo) clipped to [0, 1], percentiles over channels and voxels.
 
     With a head in the field of view, min-max lets the brightest 0.1 % (scalp fat, vessels, an outlier voxel) set
-    the scale; the 99.5th percentile ignores them. A constant image becomes 0.
+    the scale; the 99.5th percentile ignores them. A constant image becomes 0. The "percentile" intensity contract
+    of the runtime and the serving graphs: one implementation (nn.intensity, equal to torch.quantile's linear
+    interpolation bit for bit on brains; exportable), so training sees exactly what deployment feeds.
     """
     if not 0.0 <= lo_pct < hi_pct <= 100.0:
         raise ValueError(f"need 0 <= lo_pct < hi_pct <= 100, got {lo_pct!r}, {hi_pct!r}")
-    flat = x.float().flatten(1)
-    q = torch.quantile(flat, torch.tensor([lo_pct / 100.0, hi_pct / 100.0]), dim=1)  # (2, B)
-    shape = (-1, *([1] * (x.dim() - 1)))
-    lo, hi = q[0].view(shape), q[1].view(shape)
-    return ((x.float() - lo) / (hi - lo).clamp_min(1e-8)).clamp(0.0, 1.0).to(x.dtype)
+    return percentile_normalize(x, (lo_pct, hi_pct))[0].to(x.dtype)
 
 
 @dataclass(frozen=True)
