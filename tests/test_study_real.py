@@ -38,7 +38,7 @@ def test_t2_like_is_non_monotone_on_the_slices_own_classes():
     out = t2_like(img, mask)
     csf, gm, wm, bg = out[10, 7], out[10, 14], out[10, 20], out[0, 0]
     assert csf > gm > wm > bg == 0.0 and csf == pytest.approx(1.0)
-    with pytest.raises(ValueError, match="one shape"):
+    with pytest.raises(ValueError, match="mask shape must equal"):
         t2_like(img, mask[:5])
 
 
@@ -115,13 +115,10 @@ def test_the_12_real_pairs(real):
         assert not torch.equal(a.fixed, b.fixed) and a.fixed.shape == (1, 1, 96, 80)
     # known answer (benchmarks/results/synth.md, round 1: identity 0.630 on real_t1)
     assert summarize(evaluate_real_pairs(t1, None))["dice_fg"] == pytest.approx(0.6295, abs=5e-4)
-    # the same T2-like map as the 3D benchmark's (realbench.contrast), bit for bit, on all 6 real slices
+    # the same T2-like map as the 3D benchmark's (realbench.contrast): one definition, data.contrast
     from deepsim_rt.realbench.contrast import t2_like as t2_like_realbench
 
-    for per in real["slices"].values():
-        for img, _, mask, _ in per:
-            x = img[0, 0].numpy()
-            assert np.array_equal(t2_like(x, mask), t2_like_realbench(x, mask))
+    assert t2_like is t2_like_realbench
 
 
 

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from deepsim_rt.data.atlas import load_atlas
+from deepsim_rt.data.contrast import t2_like  # one T2-like map for the 2D and 3D sets (re-exported here)
 from deepsim_rt.data.synth import robust_normalize
 from deepsim_rt.evaluate.metrics import folding_fraction, std_log_jacobian
 from deepsim_rt.kernels import warp
@@ -38,27 +39,6 @@ SLICES_MM = (4.0, 8.0)
 REAL = ("colin27", "fsaverage", "cat12")
 SETS = ("t1", "xc")
 MIN_VOXELS = 5  # a structure is scored where the fixed slice has at least this many voxels of it (2 mm: 20 mm^2)
-
-
-def _kmeans3(v: np.ndarray) -> np.ndarray:
-    c = np.percentile(v, [15, 50, 85])
-    for _ in range(30):
-        lab = np.argmin(np.abs(v[:, None] - c[None]), axis=1)
-        c = np.array([v[lab == k].mean() if np.any(lab == k) else c[k] for k in range(3)])
-    return np.sort(c)
-
-
-def t2_like(img: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """Non-monotone map of a robust-normalized T1 slice's own intensities, (H, W) float -> (H, W) float32 in [0, 1]:
-    knots at its CSF / GM / WM means (k-means over `mask`, a (H, W) bool brain mask). The same map as
-    deepsim_rt.realbench.contrast.t2_like (floor 9: the study, floor 7, cannot import it); tests/test_study_real.py
-    checks the two agree bit for bit on the real slices."""
-    if img.shape != mask.shape:
-        raise ValueError(f"img and mask must have one shape, got {img.shape} and {mask.shape}")
-    csf, gm, wm = _kmeans3(img[mask])
-    xs = np.array([0.0, 0.5 * csf, csf, gm, wm, max(1.0, wm + 1e-3)])
-    ys = np.array([0.0, 0.1, 1.0, 0.6, 0.3, 0.25])
-    return np.interp(img, xs, ys).astype(np.float32)
 
 
 def real_slices(cache: str | None = None) -> dict:
