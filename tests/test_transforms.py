@@ -183,35 +183,24 @@ def test_spacing_plan_is_a_no_op_at_the_model_spacing_and_checks_its_input():
 def test_rigid_prealignment_recovers_a_known_motion(spacing_mm):
     """A known 10 degree + 6 mm motion of the atlas recovered by the rigid pre-alignment at its 8 mm level; from the
     2 mm atlas that level is block-decimated (2x2x2, decimate_for_spacing)."""
-    from deepsim_rt.data.atlas import load_atlas
     from deepsim_rt.transforms.affine import affine_align
 
-    torch.manual_seed(0)
-    img = load_atlas(3, spacing_mm).image[0, 0].float()  # 40 x 48 x 40 at 4 mm, 80 x 96 x 80 at 2 mm
-    aff = np.diag([float(spacing_mm)] * 3 + [1.0])
-    aff[:3, 3] = (-80.0, -96.0, -80.0)
-    g = Grid.of(img.shape, aff)
-    t = math.radians(10.0)
-    w_true = np.eye(4)
-    w_true[:3, :3] = [[1, 0, 0], [0, math.cos(t), -math.sin(t)], [0, math.sin(t), math.cos(t)]]
-    w_true[:3, 3] = (6.0, -4.0, 3.0)
-    # moving(p) = fixed at the point W^-1 maps to: aligning it needs exactly W (fixed world -> moving world)
-    moving = resample_to_grid(img[None, None], g, g, world=np.linalg.inv(w_true))[0, 0]
+    moving, img, g, w_true = _known_motion_pair(lambda x: x, spacing_mm)
     w, facts = affine_align(moving, g, img, g, kind="rigid", levels_mm=(8.0,), steps=80)
-    pts = np.stack(np.meshgrid(*[np.linspace(-60, 60, 5)] * 3, indexing="ij"), -1).reshape(-1, 3)
-    err = np.linalg.norm(pts @ (w[:3, :3] - w_true[:3, :3]).T + (w[:3, 3] - w_true[:3, 3]), axis=1).max()
+    err = _max_error_mm(w, w_true)
     assert err < 1.0, (err, facts)  # < 1/8 of the 8 mm level's voxel anywhere in a 120 mm box
     assert abs(facts["rotation_deg"] - 10.0) < 0.5
     assert facts["ncc_after"] > facts["ncc_moments_init"]
 
 
-def _known_motion_pair(contrast):
-    """The 4 mm atlas (fixed), and the atlas moved by a known 10 degree + 6 mm motion W (moving), its intensities
+def _known_motion_pair(contrast, spacing_mm=4):
+    """The atlas at `spacing_mm` (fixed: 40 x 48 x 40 at 4 mm, 80 x 96 x 80 at 2 mm), and the atlas moved by a known
+    10 degree + 6 mm motion W (moving: aligning it needs exactly W, fixed world -> moving world), its intensities
     passed through `contrast` (a map of the atlas's own values)."""
     from deepsim_rt.data.atlas import load_atlas
 
-    img = load_atlas(3, 4).image[0, 0].float()
-    aff = np.diag([4.0, 4.0, 4.0, 1.0])
+    img = load_atlas(3, spacing_mm).image[0, 0].float()
+    aff = np.diag([float(spacing_mm)] * 3 + [1.0])
     aff[:3, 3] = (-80.0, -96.0, -80.0)
     g = Grid.of(img.shape, aff)
     t = math.radians(10.0)
